@@ -1,0 +1,116 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"runtime"
+	"runtime/debug"
+
+	"wsp/internal/client"
+	"wsp/internal/config"
+	"wsp/internal/server"
+)
+
+// Set at build time with -ldflags "-X main.version=... -X main.commit=...".
+var (
+	version = "dev"
+	commit  = ""
+)
+
+func runServer(ctx context.Context, args []string, stderr io.Writer) error {
+	cfg, err := config.LoadServer(config.ConfigPath(args))
+	if err != nil {
+		return err
+	}
+	fs := newFlagSet("server", stderr)
+	cfg.Flags(fs)
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	log := newLogger(cfg.LogFormat, stderr)
+	srv, err := server.New(cfg, log)
+	if err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", cfg.Addr())
+	if err != nil {
+		return err
+	}
+	log.Info("listening", "addr", ln.Addr().String(), "version", version)
+	return srv.Serve(ctx, ln)
+}
+
+func runClient(ctx context.Context, args []string, stderr io.Writer) error {
+	cfg, err := config.LoadClient(config.ConfigPath(args))
+	if err != nil {
+		return err
+	}
+	fs := newFlagSet("client", stderr)
+	cfg.Flags(fs)
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	log := newLogger(cfg.LogFormat, stderr)
+	client.Version = version
+	c, err := client.New(cfg, log)
+	if err != nil {
+		return err
+	}
+	log.Info("starting", "id", cfg.ID, "targets", cfg.Targets, "version", version)
+	return c.Run(ctx)
+}
+
+func runVersion(args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("wsp version", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	rev := commit
+	if rev == "" {
+		rev = "unknown"
+		if info, ok := debug.ReadBuildInfo(); ok {
+			for _, s := range info.Settings {
+				if s.Key == "vcs.revision" {
+					rev = s.Value
+				}
+			}
+		}
+	}
+	fmt.Fprintf(stdout, "wsp %s\ncommit %s\n%s %s/%s\n", version, rev, runtime.Version(), runtime.GOOS, runtime.GOARCH)
+	return nil
+}
+
+// newFlagSet returns a command's flag set with the -config flag every
+// command that reads a file shares (config.ConfigPath read it already).
+func newFlagSet(cmd string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet("wsp "+cmd, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.String("config", "", "YAML configuration `file` (flags override it)")
+	return fs
+}
+
+func parseFlags(fs *flag.FlagSet, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return errHelp
+		}
+		return &usageError{err.Error()}
+	}
+	if fs.NArg() > 0 {
+		return &usageError{fmt.Sprintf("%s: unexpected argument %q", fs.Name(), fs.Arg(0))}
+	}
+	return nil
+}
+
+func newLogger(format string, w io.Writer) *slog.Logger {
+	if format == "json" {
+		return slog.New(slog.NewJSONHandler(w, nil))
+	}
+	return slog.New(slog.NewTextHandler(w, nil))
+}

@@ -1,0 +1,253 @@
+// Package client is wsp's private side: it dials out to servers, keeps a
+// session to each, and executes the requests relayed through them.
+package client
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/coder/websocket"
+
+	"wsp/internal/config"
+	"wsp/internal/httperr"
+	"wsp/internal/rules"
+	"wsp/internal/tunnel"
+)
+
+// Version is reported to servers in the handshake; cmd/wsp sets it.
+var Version = "dev"
+
+// Reconnect back-off: exponential from backoffBase, capped, with full
+// jitter so a fleet that lost its server does not return in lockstep.
+const (
+	backoffBase = 250 * time.Millisecond
+	backoffCap  = 30 * time.Second
+	// drainPoll is how often a drain checks whether in-flight requests
+	// are done.
+	drainPoll = 20 * time.Millisecond
+)
+
+// Client keeps sessions to its targets and serves their streams.
+type Client struct {
+	cfg      config.Client
+	log      *slog.Logger
+	rules    *rules.Set
+	tunnel   tunnel.Config
+	backends *backendPool
+	dialer   *http.Client // for the WebSocket upgrade
+
+	ready atomic.Int32 // sessions up
+}
+
+// New checks cfg and returns a Client ready to Run.
+func New(cfg config.Client, log *slog.Logger) (*Client, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	rs, err := rules.NewSet(cfg.Whitelist, cfg.Blacklist)
+	if err != nil {
+		return nil, err
+	}
+	tc := tunnel.DefaultConfig()
+	tc.KeepAlive = cfg.KeepAlive.D()
+	if err := tc.Validate(); err != nil {
+		return nil, fmt.Errorf("tunnel settings: %w", err)
+	}
+	return &Client{
+		cfg:      cfg,
+		log:      log,
+		rules:    rs,
+		tunnel:   tc,
+		backends: newBackendPool(cfg.DialTimeout.D(), max(cfg.PoolIdleSize, 16)),
+		dialer: &http.Client{Transport: &http.Transport{
+			Proxy:               http.ProxyFromEnvironment,
+			TLSHandshakeTimeout: 10 * time.Second,
+		}},
+	}, nil
+}
+
+// Ready reports whether at least one session is up.
+func (c *Client) Ready() bool { return c.ready.Load() > 0 }
+
+// Run keeps a session to every target until ctx ends, then drains: the
+// server is told to send no more requests, in-flight ones finish for up to
+// the drain time, and Run returns.
+func (c *Client) Run(ctx context.Context) error {
+	var wg sync.WaitGroup
+	for _, target := range c.cfg.Targets {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c.runTarget(ctx, target)
+		}()
+	}
+	wg.Wait()
+	c.backends.close()
+	return nil
+}
+
+// runTarget connects to one server again and again until ctx ends.
+func (c *Client) runTarget(ctx context.Context, target string) {
+	failures := 0
+	lastCause := ""
+	for {
+		sess, sid, err := c.dial(ctx, target)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			failures++
+			// One line per distinct cause, not one per retry.
+			if cause := err.Error(); cause != lastCause {
+				c.log.Warn("cannot connect; retrying with back-off", "target", target, "cause", cause)
+				lastCause = cause
+			}
+			if !sleep(ctx, backoff(failures)) {
+				return
+			}
+			continue
+		}
+		c.log.Info("connected", "target", target, "session", sid, "attempts", failures+1)
+		failures, lastCause = 0, ""
+		c.ready.Add(1)
+		cause := c.serve(ctx, sess)
+		c.ready.Add(-1)
+		if ctx.Err() != nil {
+			c.log.Info("disconnected", "target", target, "session", sid, "cause", cause)
+			return
+		}
+		c.log.Warn("disconnected; reconnecting", "target", target, "session", sid, "cause", cause)
+		if !sleep(ctx, backoff(1)) {
+			return
+		}
+	}
+}
+
+// backoff is the wait before attempt n+1 after n failures.
+func backoff(n int) time.Duration {
+	ceil := backoffCap
+	if n < 20 {
+		ceil = min(backoffCap, backoffBase<<n)
+	}
+	return rand.N(ceil) + time.Millisecond
+}
+
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// dial opens a session to target.
+func (c *Client) dial(ctx context.Context, target string) (*tunnel.Session, string, error) {
+	hello := tunnel.Hello{
+		ClientID:   c.cfg.ID,
+		SecretKey:  c.cfg.SecretKey,
+		MaxStreams: c.cfg.PoolMaxSize,
+		Version:    Version,
+	}
+	dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	ws, resp, err := websocket.Dial(dctx, target, &websocket.DialOptions{
+		HTTPClient:      c.dialer,
+		HTTPHeader:      hello.Header(),
+		Subprotocols:    []string{tunnel.Subprotocol},
+		CompressionMode: websocket.CompressionDisabled,
+	})
+	if err != nil {
+		if resp != nil && resp.StatusCode != http.StatusSwitchingProtocols {
+			return nil, "", refusal(resp)
+		}
+		return nil, "", err
+	}
+	if ws.Subprotocol() != tunnel.Subprotocol {
+		ws.Close(websocket.StatusProtocolError, "wsp.v2 required")
+		return nil, "", fmt.Errorf("server did not accept subprotocol %s: is it a root-gg/wsp server?", tunnel.Subprotocol)
+	}
+	// The session outlives this call: it ends when serve closes it.
+	sess, err := tunnel.NewClientSession(context.Background(), ws, c.tunnel)
+	if err != nil {
+		return nil, "", err
+	}
+	return sess, resp.Header.Get(tunnel.HeaderSession), nil
+}
+
+// refusal turns a server's non-101 answer into an error saying why.
+func refusal(resp *http.Response) error {
+	msg := ""
+	if resp.Body != nil {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		msg = strings.TrimSpace(string(b))
+	}
+	return fmt.Errorf("server refused registration: %s: %s", resp.Status, msg)
+}
+
+// serve accepts streams on sess until it ends or ctx does, and says why it
+// ended. Every stream handler has returned when serve does.
+func (c *Client) serve(ctx context.Context, sess *tunnel.Session) string {
+	var handlers sync.WaitGroup
+	var inflight atomic.Int64
+	accepted := make(chan error, 1)
+	// The accept loop holds one count itself, so Add never races Wait from
+	// zero.
+	handlers.Add(1)
+	go func() {
+		defer handlers.Done()
+		for {
+			st, err := sess.AcceptStream()
+			if err != nil {
+				accepted <- err
+				return
+			}
+			handlers.Add(1)
+			n := inflight.Add(1)
+			go func() {
+				defer handlers.Done()
+				defer inflight.Add(-1)
+				if n > int64(c.cfg.PoolMaxSize) {
+					// The server knows the limit from the hello; one that
+					// ignores it gets refusals, not unbounded work.
+					c.refuse(st, httperr.New(http.StatusServiceUnavailable, httperr.ClientBusy, "client %q is at its limit of %d concurrent requests", c.cfg.ID, c.cfg.PoolMaxSize))
+					return
+				}
+				c.handle(st)
+			}()
+		}
+	}()
+
+	var cause string
+	select {
+	case <-sess.CloseChan():
+		cause = "connection lost"
+		if err := sess.Err(); err != nil {
+			cause += ": " + err.Error()
+		}
+	case <-ctx.Done():
+		cause = "client shutting down"
+		sess.GoAway() // the server routes new requests elsewhere
+		deadline := time.Now().Add(c.cfg.Drain.D())
+		for inflight.Load() > 0 && time.Now().Before(deadline) && !sess.IsClosed() {
+			time.Sleep(drainPoll)
+		}
+		if n := inflight.Load(); n > 0 {
+			c.log.Warn("drain timed out; abandoning requests", "in_flight", n)
+		}
+	}
+	sess.Close()
+	<-accepted
+	handlers.Wait()
+	return cause
+}

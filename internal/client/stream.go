@@ -1,0 +1,409 @@
+package client
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"wsp/internal/httperr"
+	"wsp/internal/rules"
+)
+
+const (
+	// headTimeout bounds how long the server may take to send a request
+	// head on a stream it opened.
+	headTimeout = 30 * time.Second
+	// lingerTimeout bounds the wait for the server to close its side of a
+	// stream once the answer is sent.
+	lingerTimeout = 30 * time.Second
+)
+
+var (
+	streamReaders = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 4096) }}
+	streamWriters = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 4096) }}
+	copyBuffers   = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+)
+
+// hopHeaders are meaningful for one connection only (RFC 9110 7.6.1).
+var hopHeaders = []string{
+	"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate",
+	"Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade",
+}
+
+// handle serves one stream: a request from the server, executed against
+// its destination, the answer streamed back. It owns st.
+func (c *Client) handle(st net.Conn) {
+	defer st.Close()
+	br := streamReaders.Get().(*bufio.Reader)
+	br.Reset(st)
+	bw := streamWriters.Get().(*bufio.Writer)
+	bw.Reset(st)
+	defer func() {
+		br.Reset(nil)
+		streamReaders.Put(br)
+		bw.Reset(nil)
+		streamWriters.Put(bw)
+	}()
+
+	st.SetReadDeadline(time.Now().Add(headTimeout))
+	req, err := http.ReadRequest(br)
+	if err != nil {
+		c.log.Warn("unreadable request from server", "cause", err)
+		c.answer(bw, httperr.Wrap(err, http.StatusBadRequest, httperr.BadRequest, "client %q could not read the relayed request", c.cfg.ID))
+		return
+	}
+	st.SetReadDeadline(time.Time{})
+	if e := c.admit(req); e != nil {
+		c.log.Info("request refused", "method", req.Method, "host", req.URL.Host, "status", e.Status, "cause", e.Error())
+		c.answer(bw, e)
+		return
+	}
+	x := &exchange{c: c, st: st, br: br, bw: bw, req: req}
+	x.run()
+	x.wait()
+}
+
+// admit checks a request before any byte of it goes anywhere.
+func (c *Client) admit(req *http.Request) *httperr.Error {
+	u := req.URL
+	if u.Host == "" || (u.Scheme != "http" && u.Scheme != "https") {
+		return httperr.New(http.StatusBadRequest, httperr.BadDestination, "client %q: destination %q is not an absolute http(s) URL", c.cfg.ID, req.RequestURI)
+	}
+	if err := c.rules.Check(req.Method, u.String(), req.Header); err != nil {
+		return httperr.New(http.StatusForbidden, httperr.ClientRefused, "refused by the rules of client %q: %s %s %s", c.cfg.ID, req.Method, u.Redacted(), reason(err))
+	}
+	for name := range req.Header {
+		if strings.HasPrefix(name, "X-Proxy-") {
+			delete(req.Header, name)
+		}
+	}
+	for _, h := range hopHeaders {
+		req.Header.Del(h)
+	}
+	return nil
+}
+
+// refuse answers a stream with e without reading its request.
+func (c *Client) refuse(st net.Conn, e *httperr.Error) {
+	defer st.Close()
+	bw := streamWriters.Get().(*bufio.Writer)
+	bw.Reset(st)
+	c.answer(bw, e)
+	bw.Reset(nil)
+	streamWriters.Put(bw)
+}
+
+// reason is the human part of a rules refusal.
+func reason(err error) string {
+	var r *rules.Refusal
+	if errors.As(err, &r) {
+		return r.Reason
+	}
+	return err.Error()
+}
+
+func (c *Client) answer(bw *bufio.Writer, e *httperr.Error) {
+	if httperr.WriteResponse(bw, e) == nil {
+		bw.Flush()
+	}
+}
+
+// exchange is one request executed against its destination. Two goroutines
+// work on it: run (reads the answer, writes it to the stream) and watch
+// (sends the request body, then waits for the server to close the stream,
+// which before the end of the answer means the app went away).
+type exchange struct {
+	c   *Client
+	st  net.Conn
+	br  *bufio.Reader // the stream, read side
+	bw  *bufio.Writer // the stream, write side
+	req *http.Request
+	// watching is closed when the watch goroutine is done; nil if none
+	// was started. Set before it starts, by run's goroutine.
+	watching chan struct{}
+
+	mu       sync.Mutex
+	bc       *backendConn // guarded by mu; nil once finished
+	finished bool         // guarded by mu: the answer is complete, cancelling is moot
+	aborted  bool         // guarded by mu: the server gave up on the request
+}
+
+func (x *exchange) run() {
+	hasBody := x.req.Body != nil && x.req.Body != http.NoBody
+	sentBody := make(chan error, 1)
+	if !hasBody {
+		sentBody <- nil
+		x.startWatch(nil, nil)
+	}
+	var resp *http.Response
+	var bc *backendConn
+	for attempt := 0; ; attempt++ {
+		var reused bool
+		var err error
+		bc, reused, err = x.c.backends.get(context.Background(), x.req.URL)
+		if err != nil {
+			x.fail(dialError(x.c.cfg.ID, x.req.URL.Host, err))
+			return
+		}
+		if !x.attach(bc) {
+			bc.Close()
+			return
+		}
+		if hasBody {
+			x.startWatch(bc, sentBody)
+		} else {
+			err = x.req.Write(bc.bw)
+			if err == nil {
+				err = bc.bw.Flush()
+			}
+		}
+		if err == nil {
+			if d := x.c.cfg.HeaderTimeout.D(); d > 0 {
+				bc.SetReadDeadline(time.Now().Add(d))
+			}
+			resp, err = readResponse(bc.br, x.req)
+		}
+		if err == nil {
+			bc.SetReadDeadline(time.Time{})
+			break
+		}
+		bc.Close()
+		if reused && !hasBody && attempt == 0 && staleConn(err) {
+			continue // the destination closed the idle connection: dial afresh
+		}
+		x.fail(destinationError(x.c.cfg.ID, x.req.URL.Host, err))
+		return
+	}
+	reusable := x.respond(resp)
+	if reusable {
+		select {
+		case err := <-sentBody:
+			reusable = err == nil
+		default:
+			reusable = false // the destination answered before taking the whole body
+		}
+	}
+	if x.finish() && reusable {
+		x.c.backends.put(bc)
+	} else {
+		bc.Close()
+	}
+}
+
+// startWatch runs watch in a goroutine that wait waits for.
+func (x *exchange) startWatch(bc *backendConn, sent chan<- error) {
+	x.watching = make(chan struct{})
+	go func() {
+		defer close(x.watching)
+		x.watch(bc, sent)
+	}()
+}
+
+// wait ends the exchange: it half-closes the stream, which tells the server
+// the answer is over (complete or not), and waits for the watcher to see
+// the server close its side.
+func (x *exchange) wait() {
+	x.st.Close()
+	if x.watching != nil {
+		x.st.SetReadDeadline(time.Now().Add(lingerTimeout))
+		<-x.watching
+	}
+}
+
+// respond streams resp to the server. It reports whether bc ended the
+// exchange cleanly and may serve another request.
+func (x *exchange) respond(resp *http.Response) bool {
+	defer resp.Body.Close()
+	chunked := writeHead(x.bw, resp, x.req.Method)
+	bufp := copyBuffers.Get().(*[]byte)
+	defer copyBuffers.Put(bufp)
+	buf := *bufp
+	var body io.Writer = x.bw
+	var cw io.WriteCloser
+	if chunked {
+		cw = httputil.NewChunkedWriter(x.bw)
+		body = cw
+	}
+	for {
+		n, rerr := resp.Body.Read(buf)
+		if rerr == io.EOF {
+			// Done with the destination before the last bytes go out, so a
+			// stream closed right after them is not taken for a cancel.
+			x.finish()
+		}
+		if n > 0 {
+			if _, err := body.Write(buf[:n]); err != nil {
+				return false
+			}
+			if rerr == nil {
+				// Flush every read: an event stream's events must not wait
+				// for the buffer to fill.
+				if err := x.bw.Flush(); err != nil {
+					return false
+				}
+			}
+		}
+		if rerr == io.EOF {
+			break
+		}
+		if rerr != nil {
+			if !x.isAborted() {
+				x.c.log.Info("destination broke the answer", "host", x.req.URL.Host, "cause", rerr)
+			}
+			return false // the stream ends unterminated: the server sees a broken answer
+		}
+	}
+	if chunked {
+		cw.Close()
+		resp.Trailer.Write(x.bw)
+		io.WriteString(x.bw, "\r\n")
+	}
+	if err := x.bw.Flush(); err != nil {
+		return false
+	}
+	return !resp.Close
+}
+
+// watch writes the request body if bc is set, then waits for the server to
+// close the stream. A close before the answer is complete cancels the
+// request: the destination sees its connection closed.
+func (x *exchange) watch(bc *backendConn, sent chan<- error) {
+	if bc != nil {
+		err := x.req.Write(bc.bw)
+		if err == nil {
+			err = bc.bw.Flush()
+		}
+		sent <- err
+		if err != nil {
+			bc.Close() // unblocks run's read of the answer
+		}
+	}
+	io.Copy(io.Discard, x.br)
+	x.abort()
+}
+
+// attach makes bc the connection an abort closes; false if already aborted.
+func (x *exchange) attach(bc *backendConn) bool {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	x.bc = bc
+	return !x.aborted
+}
+
+func (x *exchange) abort() {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	if x.finished {
+		return
+	}
+	x.aborted = true
+	if x.bc != nil {
+		x.bc.Close()
+	}
+}
+
+// finish marks the destination's part done; false if it was aborted first.
+func (x *exchange) finish() bool {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	x.finished = true
+	return !x.aborted
+}
+
+func (x *exchange) isAborted() bool {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	return x.aborted
+}
+
+// fail answers the server with e, unless it already gave up.
+func (x *exchange) fail(e *httperr.Error) {
+	if x.isAborted() {
+		return
+	}
+	x.c.log.Info("request failed", "method", x.req.Method, "host", x.req.URL.Host, "status", e.Status, "cause", e.Error())
+	x.c.answer(x.bw, e)
+}
+
+// readResponse reads the final answer, skipping informational ones (100
+// Continue, 103 Early Hints): the server's side answers those itself.
+func readResponse(br *bufio.Reader, req *http.Request) (*http.Response, error) {
+	for {
+		resp, err := http.ReadResponse(br, req)
+		if err != nil {
+			return nil, err
+		}
+		if resp.StatusCode >= 200 || resp.StatusCode == http.StatusSwitchingProtocols {
+			return resp, nil
+		}
+	}
+}
+
+// writeHead writes resp's status line and headers for the tunnel, with
+// framing chosen here: the length when known, else chunked (which carries
+// trailers). It reports whether the body goes chunked.
+func writeHead(w *bufio.Writer, resp *http.Response, method string) (chunked bool) {
+	for _, h := range hopHeaders {
+		resp.Header.Del(h)
+	}
+	resp.Header.Del("Content-Length")
+	status := resp.Status
+	if status == "" {
+		status = strconv.Itoa(resp.StatusCode) + " " + http.StatusText(resp.StatusCode)
+	}
+	w.WriteString("HTTP/1.1 ")
+	w.WriteString(status)
+	w.WriteString("\r\n")
+	resp.Header.Write(w)
+	noBody := method == http.MethodHead || resp.StatusCode == http.StatusNoContent || resp.StatusCode == http.StatusNotModified
+	switch {
+	case resp.ContentLength >= 0 && resp.StatusCode != http.StatusNoContent:
+		w.WriteString("Content-Length: ")
+		w.WriteString(strconv.FormatInt(resp.ContentLength, 10))
+		w.WriteString("\r\n")
+	case !noBody:
+		chunked = true
+		w.WriteString("Transfer-Encoding: chunked\r\n")
+		if len(resp.Trailer) > 0 {
+			names := make([]string, 0, len(resp.Trailer))
+			for k := range resp.Trailer {
+				names = append(names, k)
+			}
+			w.WriteString("Trailer: " + strings.Join(names, ", ") + "\r\n")
+		}
+	}
+	w.WriteString("\r\n")
+	return chunked
+}
+
+// staleConn reports whether err is what a reused connection that the
+// destination closed while idle gives, before any byte of an answer.
+func staleConn(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
+}
+
+func dialError(clientID, host string, err error) *httperr.Error {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return httperr.Wrap(err, http.StatusGatewayTimeout, httperr.DestinationTimeout, "client %q timed out connecting to %s", clientID, host)
+	}
+	return httperr.Wrap(err, http.StatusBadGateway, httperr.DialFailed, "client %q could not reach %s", clientID, host)
+}
+
+func destinationError(clientID, host string, err error) *httperr.Error {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return httperr.Wrap(err, http.StatusGatewayTimeout, httperr.DestinationTimeout, "client %q: %s did not answer in time", clientID, host)
+	}
+	return httperr.Wrap(err, http.StatusBadGateway, httperr.DestinationBroken, "client %q: %s broke the exchange", clientID, host)
+}
+

@@ -1,0 +1,116 @@
+// Package config holds the server's and the client's configuration: typed
+// structs with root-gg/wsp's keys and defaults, strict YAML decoding (unknown
+// keys are errors naming the key and its line), command-line flags that
+// override the file, and Validate methods that name the offending key.
+//
+// The usual sequence is ConfigPath, Load*, Flags, fs.Parse, Validate: the file
+// supplies the flags' defaults, so a flag given on the command line wins.
+package config
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"net"
+	"strconv"
+	"time"
+
+	"wsp/internal/rules"
+)
+
+// Server is the configuration of `wsp server`.
+type Server struct {
+	Host        string       `yaml:"host"`        // listen host; "" listens on every interface
+	Port        int          `yaml:"port"`        // listen port, 0..65535; 0 picks a free port
+	Timeout     Duration     `yaml:"timeout"`     // how long an app request waits for a client able to serve it
+	IdleTimeout Duration     `yaml:"idletimeout"` // close client connections idle this long; 0 = never
+	Whitelist   []rules.Spec `yaml:"whitelist"`   // an app request must match one of these, when set
+	Blacklist   []rules.Spec `yaml:"blacklist"`   // an app request must match none of these
+	SecretKey   string       `yaml:"secretkey"`   // shared secret clients must present; "" = none
+	KeepAlive   Duration     `yaml:"keepalive"`   // ping interval, > 0; a peer silent for two intervals is dead
+	Drain       Duration     `yaml:"drain"`       // how long shutdown waits for in-flight requests; 0 = none
+	LogFormat   string       `yaml:"logformat"`   // "text" or "json"
+	// MaxHeaderBytes bounds an app request's header; beyond it the answer is 431.
+	MaxHeaderBytes int `yaml:"maxheaderbytes"`
+
+	src source // where the values came from, for error lines
+}
+
+// Client is the configuration of `wsp client`.
+type Client struct {
+	ID            string       `yaml:"id"`            // pool id; clients with the same id form one pool
+	Targets       []string     `yaml:"targets"`       // server /register URLs (ws, wss, http or https)
+	PoolIdleSize  int          `yaml:"poolidlesize"`  // accepted for root-gg/wsp compatibility; >= 0
+	PoolMaxSize   int          `yaml:"poolmaxsize"`   // max concurrent streams per session; >= 1
+	Whitelist     []rules.Spec `yaml:"whitelist"`     // a relayed request must match one of these, when set
+	Blacklist     []rules.Spec `yaml:"blacklist"`     // a relayed request must match none of these
+	AllowAny      bool         `yaml:"allowany"`      // forward anywhere when no whitelist is set
+	SecretKey     string       `yaml:"secretkey"`     // credential sent to the server
+	DialTimeout   Duration     `yaml:"dialtimeout"`   // bound on connecting to a destination, > 0
+	HeaderTimeout Duration     `yaml:"headertimeout"` // bound on a destination's response headers; 0 = none
+	KeepAlive     Duration     `yaml:"keepalive"`     // ping interval, > 0
+	Drain         Duration     `yaml:"drain"`         // how long shutdown waits for in-flight requests; 0 = none
+	LogFormat     string       `yaml:"logformat"`     // "text" or "json"
+
+	src source // where the values came from, for error lines
+}
+
+// Default values, kept together so docs/configuration.md can be checked
+// against one place.
+const (
+	defaultHost           = "127.0.0.1"
+	defaultPort           = 8080
+	defaultTimeout        = 1000 * time.Millisecond
+	defaultIdleTimeout    = 60000 * time.Millisecond
+	defaultKeepAlive      = 15 * time.Second
+	defaultDrain          = 30 * time.Second
+	defaultLogFormat      = "text"
+	defaultMaxHeaderBytes = 64 << 10
+	defaultTarget         = "ws://127.0.0.1:8080/register"
+	defaultPoolIdleSize   = 10
+	defaultPoolMaxSize    = 100
+	defaultDialTimeout    = 10 * time.Second
+	defaultHeaderTimeout  = 60 * time.Second
+)
+
+// DefaultServer returns the server's defaults.
+func DefaultServer() Server {
+	return Server{
+		Host:           defaultHost,
+		Port:           defaultPort,
+		Timeout:        Duration(defaultTimeout),
+		IdleTimeout:    Duration(defaultIdleTimeout),
+		KeepAlive:      Duration(defaultKeepAlive),
+		Drain:          Duration(defaultDrain),
+		LogFormat:      defaultLogFormat,
+		MaxHeaderBytes: defaultMaxHeaderBytes,
+	}
+}
+
+// DefaultClient returns the client's defaults, with a fresh random ID: a
+// client started without one still gets a pool of its own.
+func DefaultClient() Client {
+	return Client{
+		ID:            randomID(),
+		Targets:       []string{defaultTarget},
+		PoolIdleSize:  defaultPoolIdleSize,
+		PoolMaxSize:   defaultPoolMaxSize,
+		DialTimeout:   Duration(defaultDialTimeout),
+		HeaderTimeout: Duration(defaultHeaderTimeout),
+		KeepAlive:     Duration(defaultKeepAlive),
+		Drain:         Duration(defaultDrain),
+		LogFormat:     defaultLogFormat,
+	}
+}
+
+// randomID returns 16 hex characters, enough that two clients started
+// without an id never share a pool by accident.
+func randomID() string {
+	var b [8]byte
+	rand.Read(b[:]) // never fails (crypto/rand crashes the program instead)
+	return hex.EncodeToString(b[:])
+}
+
+// Addr returns the listen address, host:port.
+func (c *Server) Addr() string {
+	return net.JoinHostPort(c.Host, strconv.Itoa(c.Port))
+}

@@ -1,0 +1,149 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"net/url"
+	"regexp"
+	"strings"
+
+	"wsp/internal/rules"
+)
+
+// Validate checks every value, compiling the rules to report bad regular
+// expressions. It reports all problems at once; each is an *Error naming the
+// key, with its line when the value is still the one read from the file.
+func (c *Server) Validate() error {
+	p := problems{src: &c.src, cfg: c}
+	if c.Host != "" && strings.Contains(c.Host, ":") {
+		if _, err := netip.ParseAddr(c.Host); err != nil {
+			p.add("host", "invalid host %q: want a host name or IP address without a port (set port separately)", c.Host)
+		}
+	}
+	if c.Port < 0 || c.Port > 65535 {
+		p.add("port", "must be 0..65535 (0 picks a free port), got %d", c.Port)
+	}
+	p.positive("timeout", c.Timeout)
+	p.notNegative("idletimeout", c.IdleTimeout)
+	p.positive("keepalive", c.KeepAlive)
+	p.notNegative("drain", c.Drain)
+	p.logFormat(c.LogFormat)
+	if c.MaxHeaderBytes <= 0 {
+		p.add("maxheaderbytes", "must be positive, got %d", c.MaxHeaderBytes)
+	}
+	p.rules(c.Whitelist, c.Blacklist)
+	return p.err()
+}
+
+var clientID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
+
+// Validate checks every value, compiling the rules to report bad regular
+// expressions, and refuses a client that would forward anywhere without
+// saying so. It reports all problems at once; each is an *Error naming the key.
+func (c *Client) Validate() error {
+	p := problems{src: &c.src, cfg: c}
+	if !clientID.MatchString(c.ID) {
+		p.add("id", "invalid id %q: want 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit", c.ID)
+	}
+	if len(c.Targets) == 0 {
+		p.add("targets", "at least one target is required, e.g. [%s]", defaultTarget)
+	}
+	for i, t := range c.Targets {
+		if msg := checkTarget(t); msg != "" {
+			p.add(fmt.Sprintf("targets[%d]", i), "invalid target %q: %s", t, msg)
+		}
+	}
+	if c.PoolIdleSize < 0 {
+		p.add("poolidlesize", "must not be negative, got %d", c.PoolIdleSize)
+	}
+	if c.PoolMaxSize < 1 {
+		p.add("poolmaxsize", "must be at least 1, got %d", c.PoolMaxSize)
+	}
+	p.rules(c.Whitelist, c.Blacklist)
+	if len(c.Whitelist) == 0 && !c.AllowAny {
+		p.add("whitelist", "no whitelist: the client would forward requests to any host and port "+
+			"it can reach, an open door into its network for anyone who can use the server; "+
+			"add a whitelist, or set allowany: true (flag -allowany) to accept that")
+	}
+	p.positive("dialtimeout", c.DialTimeout)
+	p.notNegative("headertimeout", c.HeaderTimeout)
+	p.positive("keepalive", c.KeepAlive)
+	p.notNegative("drain", c.Drain)
+	p.logFormat(c.LogFormat)
+	return p.err()
+}
+
+func checkTarget(t string) string {
+	u, err := url.Parse(t)
+	if err != nil {
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			err = ue.Err
+		}
+		return err.Error()
+	}
+	switch u.Scheme {
+	case "ws", "wss", "http", "https":
+	default:
+		return "want a ws://, wss://, http:// or https:// URL"
+	}
+	if u.Host == "" || u.Hostname() == "" {
+		return "no host"
+	}
+	return ""
+}
+
+// problems collects Validate's findings.
+type problems struct {
+	src  *source
+	cfg  any // *Server or *Client, to tell whether a value still is the file's
+	errs []error
+}
+
+func (p *problems) add(key, format string, args ...any) {
+	e := &Error{Key: key, Msg: fmt.Sprintf(format, args...)}
+	if line := p.src.line(p.cfg, key); line > 0 {
+		e.File, e.Line = p.src.file, line
+	}
+	p.errs = append(p.errs, e)
+}
+
+func (p *problems) positive(key string, d Duration) {
+	if d <= 0 {
+		p.add(key, "must be positive, got %s", d)
+	}
+}
+
+func (p *problems) notNegative(key string, d Duration) {
+	if d < 0 {
+		p.add(key, "must not be negative, got %s", d)
+	}
+}
+
+func (p *problems) logFormat(f string) {
+	if f != "text" && f != "json" {
+		p.add("logformat", `invalid value %q: want "text" or "json"`, f)
+	}
+}
+
+func (p *problems) rules(whitelist, blacklist []rules.Spec) {
+	if _, err := rules.NewSet(whitelist, blacklist); err != nil {
+		if fe, ok := errors.AsType[*rules.FieldError](err); ok {
+			p.add(fe.Field, "%v", fe.Err)
+		} else {
+			p.add("", "%v", err)
+		}
+	}
+}
+
+// err returns nil, the one problem, or all of them joined; each is an *Error.
+func (p *problems) err() error {
+	switch len(p.errs) {
+	case 0:
+		return nil
+	case 1:
+		return p.errs[0]
+	}
+	return errors.Join(p.errs...)
+}

@@ -1,0 +1,136 @@
+package server
+
+import (
+	"context"
+	"crypto/subtle"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/coder/websocket"
+
+	"wsp/internal/httperr"
+	"wsp/internal/tunnel"
+)
+
+// register upgrades a client's /register request into a session and keeps
+// it in the registry until it ends. The handler's goroutine owns the session.
+func (s *Server) register(w http.ResponseWriter, r *http.Request) {
+	remote := r.RemoteAddr
+	if s.draining.Load() {
+		httperr.Write(w, httperr.New(http.StatusServiceUnavailable, httperr.NoClient, "server is draining; connect to another node"))
+		return
+	}
+	if !offers(r, tunnel.Subprotocol) {
+		s.refuse(w, remote, "", httperr.New(http.StatusBadRequest, httperr.BadRequest, "the upgrade does not offer subprotocol %s (legacy root-gg/wsp clients are not supported yet)", tunnel.Subprotocol))
+		return
+	}
+	hello, err := tunnel.ParseHello(r.Header)
+	if err != nil {
+		s.refuse(w, remote, "", httperr.Wrap(err, http.StatusBadRequest, httperr.BadRequest, "invalid registration"))
+		return
+	}
+	if e := s.checkSecret(hello.SecretKey); e != nil {
+		s.refuse(w, remote, hello.ClientID, e)
+		return
+	}
+
+	id := fmt.Sprintf("%016x", rand.Uint64())
+	w.Header().Set(tunnel.HeaderSession, id)
+	ws, err := websocket.Accept(w, r, &websocket.AcceptOptions{
+		Subprotocols:    []string{tunnel.Subprotocol},
+		CompressionMode: websocket.CompressionDisabled,
+	})
+	if err != nil {
+		s.log.Warn("register refused", "remote", remote, "client", hello.ClientID, "cause", err)
+		return
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ts, err := tunnel.NewServerSession(ctx, ws, s.tunnel)
+	if err != nil {
+		s.log.Error("session setup failed", "remote", remote, "client", hello.ClientID, "cause", err)
+		return
+	}
+	sess := &session{
+		Session:    ts,
+		clientID:   hello.ClientID,
+		id:         id,
+		remote:     remote,
+		version:    hello.Version,
+		since:      time.Now(),
+		maxStreams: int64(hello.MaxStreams),
+	}
+	s.sessions.Add(1)
+	defer s.sessions.Done()
+	s.reg.add(sess)
+	s.log.Info("client connected", "client", sess.clientID, "session", id, "remote", remote, "version", sess.version)
+
+	cause := s.watch(sess)
+	s.reg.remove(sess)
+	ts.Close()
+	s.log.Info("client disconnected", "client", sess.clientID, "session", id, "remote", remote,
+		"cause", cause, "duration", time.Since(sess.since).Round(time.Millisecond), "requests", sess.requests.Load())
+}
+
+// watch waits for sess to end and says why.
+func (s *Server) watch(sess *session) string {
+	idle := s.cfg.IdleTimeout.D()
+	var tick <-chan time.Time
+	if idle > 0 {
+		t := time.NewTicker(max(idle/4, 10*time.Millisecond))
+		defer t.Stop()
+		tick = t.C
+	}
+	for {
+		select {
+		case <-sess.CloseChan():
+			if err := sess.Err(); err != nil {
+				return "connection lost: " + err.Error()
+			}
+			return "connection lost"
+		case <-s.closing:
+			return "server shutting down"
+		case <-tick:
+			if d := sess.IdleFor(); d > idle {
+				return fmt.Sprintf("nothing received for %s (idletimeout)", d.Round(time.Millisecond))
+			}
+		}
+	}
+}
+
+// checkSecret compares in constant time. 401 when the client sent no key,
+// 403 when it sent a wrong one.
+func (s *Server) checkSecret(got string) *httperr.Error {
+	want := s.cfg.SecretKey
+	if want == "" {
+		return nil
+	}
+	if got == "" {
+		return httperr.New(http.StatusUnauthorized, "unauthorized", "missing %s", tunnel.HeaderSecretKey)
+	}
+	if subtle.ConstantTimeCompare([]byte(got), []byte(want)) != 1 {
+		return httperr.New(http.StatusForbidden, "forbidden", "invalid %s", tunnel.HeaderSecretKey)
+	}
+	return nil
+}
+
+// refuse answers a registration that failed before the upgrade and logs it
+// with the remote address (never with the credential).
+func (s *Server) refuse(w http.ResponseWriter, remote, clientID string, e *httperr.Error) {
+	s.log.Warn("register refused", "remote", remote, "client", clientID, "status", e.Status, "cause", e.Error())
+	httperr.Write(w, e)
+}
+
+func offers(r *http.Request, proto string) bool {
+	for _, h := range r.Header.Values("Sec-WebSocket-Protocol") {
+		for _, p := range strings.Split(h, ",") {
+			if strings.TrimSpace(p) == proto {
+				return true
+			}
+		}
+	}
+	return false
+}

@@ -1,0 +1,218 @@
+package server
+
+import (
+	"context"
+	"math/rand/v2"
+	"net/http"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"wsp/internal/httperr"
+	"wsp/internal/tunnel"
+)
+
+// session is one registered client connection as the server tracks it.
+type session struct {
+	*tunnel.Session
+	clientID   string
+	id         string // short random id, in logs and the 101 answer
+	remote     string
+	version    string
+	since      time.Time
+	maxStreams int64
+
+	inflight atomic.Int64 // streams open or being opened; at most maxStreams
+	requests atomic.Int64 // streams ever opened
+	gone     atomic.Bool  // closed, or the client said go away: never picked again
+}
+
+// acquire reserves a stream slot; false when the session is full or gone.
+func (s *session) acquire() bool {
+	for {
+		n := s.inflight.Load()
+		if n >= s.maxStreams || s.gone.Load() {
+			return false
+		}
+		if s.inflight.CompareAndSwap(n, n+1) {
+			return true
+		}
+	}
+}
+
+// registry holds the connected sessions by client id and hands them out to
+// requests.
+type registry struct {
+	mu sync.RWMutex
+	// pools maps a client id to its sessions. The slices are copied on
+	// write, so a reader may keep one after unlocking. Guarded by mu.
+	pools map[string][]*session
+	// all lists every session, for requests that name no client. Copied on
+	// write; guarded by mu.
+	all []*session
+	// changed is closed and replaced when a session is added or a stream
+	// slot frees up while someone waits. Guarded by mu.
+	changed chan struct{}
+	waiters atomic.Int32 // requests blocked in pick
+}
+
+func newRegistry() *registry {
+	return &registry{pools: map[string][]*session{}, changed: make(chan struct{})}
+}
+
+func (r *registry) add(s *session) {
+	r.mu.Lock()
+	r.pools[s.clientID] = append(slices.Clip(r.pools[s.clientID]), s)
+	r.all = append(slices.Clip(r.all), s)
+	r.broadcastLocked()
+	r.mu.Unlock()
+}
+
+func (r *registry) remove(s *session) {
+	s.gone.Store(true)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if p := without(r.pools[s.clientID], s); len(p) > 0 {
+		r.pools[s.clientID] = p
+	} else {
+		delete(r.pools, s.clientID)
+	}
+	r.all = without(r.all, s)
+}
+
+// without returns a copy of list without s.
+func without(list []*session, s *session) []*session {
+	out := make([]*session, 0, len(list))
+	for _, x := range list {
+		if x != s {
+			out = append(out, x)
+		}
+	}
+	return out
+}
+
+// release frees a stream slot taken by acquire.
+func (r *registry) release(s *session) {
+	s.inflight.Add(-1)
+	if r.waiters.Load() > 0 {
+		r.mu.Lock()
+		r.broadcastLocked()
+		r.mu.Unlock()
+	}
+}
+
+func (r *registry) broadcastLocked() {
+	close(r.changed)
+	r.changed = make(chan struct{})
+}
+
+// sessions returns a snapshot of every session.
+func (r *registry) sessions() []*session {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	return r.all
+}
+
+// pick reserves a stream slot on a session able to serve a request for
+// clientID ("" = any client), skipping the sessions in tried. It waits up to
+// timeout for one to connect or free up, then fails with 503 (nobody
+// connected) or 504 (everybody busy).
+func (r *registry) pick(ctx context.Context, clientID string, tried []*session, timeout time.Duration) (*session, error) {
+	var timer *time.Timer
+	for {
+		r.mu.RLock()
+		candidates := r.all
+		if clientID != "" {
+			candidates = r.pools[clientID]
+		}
+		changed := r.changed
+		r.mu.RUnlock()
+
+		s, busy := choose(candidates, clientID == "", tried)
+		if s != nil {
+			if timer != nil {
+				timer.Stop()
+			}
+			return s, nil
+		}
+		if timer == nil {
+			timer = time.NewTimer(timeout)
+			defer timer.Stop()
+		}
+		r.waiters.Add(1)
+		select {
+		case <-changed:
+			r.waiters.Add(-1)
+		case <-ctx.Done():
+			r.waiters.Add(-1)
+			return nil, ctx.Err()
+		case <-timer.C:
+			r.waiters.Add(-1)
+			return nil, noSession(clientID, busy)
+		}
+	}
+}
+
+func noSession(clientID string, busy int) error {
+	switch {
+	case busy > 0 && clientID != "":
+		return httperr.New(http.StatusGatewayTimeout, httperr.ClientBusy, "timed out waiting for a free stream: all %d sessions of client %q are at their limit", busy, clientID)
+	case busy > 0:
+		return httperr.New(http.StatusGatewayTimeout, httperr.ClientBusy, "timed out waiting for a free stream: all %d client sessions are at their limit", busy)
+	case clientID != "":
+		return httperr.New(http.StatusServiceUnavailable, httperr.NoClient, "no client with id %q is connected", clientID)
+	default:
+		return httperr.New(http.StatusServiceUnavailable, httperr.NoClient, "no client is connected")
+	}
+}
+
+// choose reserves a slot on the least loaded usable session. With sample
+// set (requests that name no client, over possibly thousands of sessions) it
+// compares two random sessions instead of scanning them all, and scans only
+// when both are unusable. busy counts sessions that were full.
+func choose(list []*session, sample bool, tried []*session) (s *session, busy int) {
+	usable := func(c *session) bool {
+		for _, t := range tried {
+			if t == c {
+				return false
+			}
+		}
+		return !c.gone.Load()
+	}
+	if sample && len(list) > 2 {
+		a, b := list[rand.IntN(len(list))], list[rand.IntN(len(list))]
+		if b.inflight.Load() < a.inflight.Load() {
+			a, b = b, a
+		}
+		for _, c := range [...]*session{a, b} {
+			if usable(c) && c.acquire() {
+				return c, 0
+			}
+		}
+	}
+	for {
+		var best *session
+		busy = 0
+		for _, c := range list {
+			if !usable(c) {
+				continue
+			}
+			n := c.inflight.Load()
+			if n >= c.maxStreams {
+				busy++
+				continue
+			}
+			if best == nil || n < best.inflight.Load() {
+				best = c
+			}
+		}
+		if best == nil {
+			return nil, busy
+		}
+		if best.acquire() {
+			return best, 0
+		}
+		// Lost a race for its last slot: look again.
+	}
+}
