@@ -66,7 +66,9 @@ func New(cfg config.Client, log *slog.Logger) (*Client, error) {
 		log:      log,
 		rules:    rs,
 		tunnel:   tc,
-		backends: newBackendPool(cfg.DialTimeout.D(), max(cfg.PoolIdleSize, 16)),
+		// Keep as many idle connections per destination as can be busy at
+		// once: fewer, and a burst ends in a storm of fresh dials.
+		backends: newBackendPool(cfg.DialTimeout.D(), cfg.PoolMaxSize*len(cfg.Targets)),
 		dialer: &http.Client{Transport: &http.Transport{
 			Proxy:               http.ProxyFromEnvironment,
 			TLSHandshakeTimeout: 10 * time.Second,
@@ -217,9 +219,12 @@ func (c *Client) serve(ctx context.Context, sess *tunnel.Session) string {
 			go func() {
 				defer handlers.Done()
 				defer inflight.Add(-1)
-				if n > int64(c.cfg.PoolMaxSize) {
-					// The server knows the limit from the hello; one that
-					// ignores it gets refusals, not unbounded work.
+				if n > 2*int64(c.cfg.PoolMaxSize) {
+					// The server keeps within the limit it was told in the
+					// hello, but frees a slot as soon as it has the whole
+					// answer, a moment before this side's handler returns:
+					// hence the slack. A server that ignores the limit gets
+					// refusals, not unbounded work.
 					c.refuse(st, httperr.New(http.StatusServiceUnavailable, httperr.ClientBusy, "client %q is at its limit of %d concurrent requests", c.cfg.ID, c.cfg.PoolMaxSize))
 					return
 				}

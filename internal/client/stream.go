@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httputil"
+	"net/textproto"
 	"strconv"
 	"strings"
 	"sync"
@@ -86,10 +87,23 @@ func (c *Client) admit(req *http.Request) *httperr.Error {
 			delete(req.Header, name)
 		}
 	}
-	for _, h := range hopHeaders {
-		req.Header.Del(h)
-	}
+	removeHopHeaders(req.Header)
 	return nil
+}
+
+// removeHopHeaders deletes the headers meant for one connection only: the
+// standard ones and those the Connection header names.
+func removeHopHeaders(h http.Header) {
+	for _, v := range h["Connection"] {
+		for _, name := range strings.Split(v, ",") {
+			if name = textproto.TrimString(name); name != "" {
+				h.Del(name)
+			}
+		}
+	}
+	for _, name := range hopHeaders {
+		h.Del(name)
+	}
 }
 
 // refuse answers a stream with e without reading its request.
@@ -352,9 +366,7 @@ func readResponse(br *bufio.Reader, req *http.Request) (*http.Response, error) {
 // framing chosen here: the length when known, else chunked (which carries
 // trailers). It reports whether the body goes chunked.
 func writeHead(w *bufio.Writer, resp *http.Response, method string) (chunked bool) {
-	for _, h := range hopHeaders {
-		resp.Header.Del(h)
-	}
+	removeHopHeaders(resp.Header)
 	resp.Header.Del("Content-Length")
 	status := resp.Status
 	if status == "" {

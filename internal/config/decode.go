@@ -2,6 +2,7 @@ package config
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -73,10 +74,15 @@ func decodeClient(data []byte, name string) (Client, error) {
 type source struct {
 	file  string
 	lines map[string]int // key path ("port", "whitelist[0].url") → line
-	// loaded is each top-level value as read from the file, formatted with
-	// %v: when a flag or the caller has changed a value since, its line no
-	// longer explains it and is left out.
-	loaded map[string]string
+	// loaded is a digest of each top-level value as read from the file: when
+	// a flag or the caller has changed a value since, its line no longer
+	// explains it and is left out. A digest, so that printing a config with
+	// %+v shows no second copy of the secret key.
+	loaded map[string][sha256.Size]byte
+}
+
+func digest(v reflect.Value) [sha256.Size]byte {
+	return sha256.Sum256(fmt.Appendf(nil, "%v", v.Interface()))
 }
 
 // line returns the line of key in the file, or 0 when the value of its
@@ -91,7 +97,7 @@ func (s *source) line(cfg any, key string) int {
 		return 0
 	}
 	f, ok := fieldByKey(reflect.ValueOf(cfg).Elem(), top)
-	if !ok || fmt.Sprintf("%v", f.Interface()) != want {
+	if !ok || digest(f) != want {
 		return 0
 	}
 	// The most specific recorded key: "whitelist[0].headers.X" may be absent
@@ -111,7 +117,7 @@ func (s *source) line(cfg any, key string) int {
 
 // maxNodes bounds the work done on a document, whose aliases may otherwise
 // make a small file expand into a huge one.
-const maxNodes = 1 << 20
+const maxNodes = 1 << 18
 
 // decoder walks the YAML node tree itself rather than letting yaml fill the
 // struct, to name each unknown key and bad value with its line, and to
@@ -134,13 +140,13 @@ func decode(data []byte, name string, cfg any) (source, error) {
 			return source{}, err
 		}
 	}
-	src := source{file: name, lines: d.lines, loaded: make(map[string]string)}
+	src := source{file: name, lines: d.lines, loaded: make(map[string][sha256.Size]byte)}
 	for k := range d.lines {
 		if strings.ContainsAny(k, ".[") {
 			continue
 		}
 		if f, ok := fieldByKey(v, k); ok {
-			src.loaded[k] = fmt.Sprintf("%v", f.Interface())
+			src.loaded[k] = digest(f)
 		}
 	}
 	return src, nil
@@ -165,7 +171,11 @@ func (d *decoder) document(data []byte) (*yaml.Node, error) {
 	case err != nil:
 		return nil, d.syntaxError(err)
 	default:
-		return nil, &Error{File: d.file, Line: next.Line, Msg: "a second YAML document: want one"}
+		line := next.Line
+		if len(next.Content) > 0 {
+			line = next.Content[0].Line
+		}
+		return nil, &Error{File: d.file, Line: line, Msg: "a second YAML document: want one"}
 	}
 	if doc.Kind != yaml.DocumentNode || len(doc.Content) != 1 {
 		return nil, &Error{File: d.file, Msg: "not a YAML document"}
@@ -185,10 +195,29 @@ func (d *decoder) syntaxError(err error) *Error {
 	e := &Error{File: d.file, Msg: "invalid YAML: " + msg, err: err}
 	if m := yamlLine.FindStringSubmatch(err.Error()); m != nil {
 		if n, err := strconv.Atoi(m[1]); err == nil {
+			if yamlParserProblems[m[2]] {
+				n++
+			}
 			e.Line, e.Msg = n, "invalid YAML: "+m[2]
 		}
 	}
 	return e
+}
+
+// yamlParserProblems are the messages of yaml's parser errors, whose line
+// yaml reports counting from 0 (its scanner errors count from 1).
+var yamlParserProblems = map[string]bool{
+	"did not find expected <stream-start>":   true,
+	"did not find expected <document start>": true,
+	"did not find expected node content":     true,
+	"did not find expected '-' indicator":    true,
+	"did not find expected key":              true,
+	"did not find expected ',' or ']'":       true,
+	"did not find expected ',' or '}'":       true,
+	"found duplicate %YAML directive":        true,
+	"found incompatible YAML document":       true,
+	"found duplicate %TAG directive":         true,
+	"found undefined tag handle":             true,
 }
 
 func (d *decoder) errorf(n *yaml.Node, key, format string, args ...any) *Error {

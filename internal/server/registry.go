@@ -121,6 +121,9 @@ func (r *registry) sessions() []*session {
 func (r *registry) pick(ctx context.Context, clientID string, tried []*session, timeout time.Duration) (*session, error) {
 	var timer *time.Timer
 	for {
+		// Count as a waiter before looking, so a slot freed between the
+		// look and the wait still wakes us.
+		r.waiters.Add(1)
 		r.mu.RLock()
 		candidates := r.all
 		if clientID != "" {
@@ -131,16 +134,13 @@ func (r *registry) pick(ctx context.Context, clientID string, tried []*session, 
 
 		s, busy := choose(candidates, clientID == "", tried)
 		if s != nil {
-			if timer != nil {
-				timer.Stop()
-			}
+			r.waiters.Add(-1)
 			return s, nil
 		}
 		if timer == nil {
 			timer = time.NewTimer(timeout)
 			defer timer.Stop()
 		}
-		r.waiters.Add(1)
 		select {
 		case <-changed:
 			r.waiters.Add(-1)
