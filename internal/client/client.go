@@ -14,7 +14,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/coder/websocket"
+	"github.com/gorilla/websocket"
 
 	"wsp/internal/config"
 	"wsp/internal/httperr"
@@ -42,7 +42,7 @@ type Client struct {
 	rules    *rules.Set
 	tunnel   tunnel.Config
 	backends *backendPool
-	dialer   *http.Client // for the WebSocket upgrade
+	dialer   *websocket.Dialer
 
 	ready atomic.Int32 // sessions up
 }
@@ -62,17 +62,14 @@ func New(cfg config.Client, log *slog.Logger) (*Client, error) {
 		return nil, fmt.Errorf("tunnel settings: %w", err)
 	}
 	return &Client{
-		cfg:      cfg,
-		log:      log,
-		rules:    rs,
-		tunnel:   tc,
+		cfg:    cfg,
+		log:    log,
+		rules:  rs,
+		tunnel: tc,
 		// Keep as many idle connections per destination as can be busy at
 		// once: fewer, and a burst ends in a storm of fresh dials.
 		backends: newBackendPool(cfg.DialTimeout.D(), cfg.PoolMaxSize*len(cfg.Targets)),
-		dialer: &http.Client{Transport: &http.Transport{
-			Proxy:               http.ProxyFromEnvironment,
-			TLSHandshakeTimeout: 10 * time.Second,
-		}},
+		dialer:   tunnel.NewDialer(30 * time.Second),
 	}, nil
 }
 
@@ -161,14 +158,7 @@ func (c *Client) dial(ctx context.Context, target string) (*tunnel.Session, stri
 		MaxStreams: c.cfg.PoolMaxSize,
 		Version:    Version,
 	}
-	dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	ws, resp, err := websocket.Dial(dctx, target, &websocket.DialOptions{
-		HTTPClient:      c.dialer,
-		HTTPHeader:      hello.Header(),
-		Subprotocols:    []string{tunnel.Subprotocol},
-		CompressionMode: websocket.CompressionDisabled,
-	})
+	ws, resp, err := c.dialer.DialContext(ctx, wsURL(target), hello.Header())
 	if err != nil {
 		if resp != nil && resp.StatusCode != http.StatusSwitchingProtocols {
 			return nil, "", refusal(resp)
@@ -176,15 +166,25 @@ func (c *Client) dial(ctx context.Context, target string) (*tunnel.Session, stri
 		return nil, "", err
 	}
 	if ws.Subprotocol() != tunnel.Subprotocol {
-		ws.Close(websocket.StatusProtocolError, "wsp.v2 required")
+		ws.Close()
 		return nil, "", fmt.Errorf("server did not accept subprotocol %s: is it a root-gg/wsp server?", tunnel.Subprotocol)
 	}
-	// The session outlives this call: it ends when serve closes it.
-	sess, err := tunnel.NewClientSession(context.Background(), ws, c.tunnel)
+	sess, err := tunnel.NewClientSession(ws, c.tunnel)
 	if err != nil {
 		return nil, "", err
 	}
 	return sess, resp.Header.Get(tunnel.HeaderSession), nil
+}
+
+// wsURL accepts http(s) targets as the ws(s) URLs they stand for.
+func wsURL(target string) string {
+	switch {
+	case strings.HasPrefix(target, "http://"):
+		return "ws://" + strings.TrimPrefix(target, "http://")
+	case strings.HasPrefix(target, "https://"):
+		return "wss://" + strings.TrimPrefix(target, "https://")
+	}
+	return target
 }
 
 // refusal turns a server's non-101 answer into an error saying why.

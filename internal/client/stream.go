@@ -418,4 +418,3 @@ func destinationError(clientID, host string, err error) *httperr.Error {
 	}
 	return httperr.Wrap(err, http.StatusBadGateway, httperr.DestinationBroken, "client %q: %s broke the exchange", clientID, host)
 }
-

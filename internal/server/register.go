@@ -1,15 +1,12 @@
 package server
 
 import (
-	"context"
 	"crypto/subtle"
 	"fmt"
 	"math/rand/v2"
 	"net/http"
 	"strings"
 	"time"
-
-	"github.com/coder/websocket"
 
 	"wsp/internal/httperr"
 	"wsp/internal/tunnel"
@@ -38,18 +35,12 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 	}
 
 	id := fmt.Sprintf("%016x", rand.Uint64())
-	w.Header().Set(tunnel.HeaderSession, id)
-	ws, err := websocket.Accept(w, r, &websocket.AcceptOptions{
-		Subprotocols:    []string{tunnel.Subprotocol},
-		CompressionMode: websocket.CompressionDisabled,
-	})
+	ws, err := s.upgrader.Upgrade(w, r, http.Header{tunnel.HeaderSession: {id}})
 	if err != nil {
 		s.log.Warn("register refused", "remote", remote, "client", hello.ClientID, "cause", err)
 		return
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	ts, err := tunnel.NewServerSession(ctx, ws, s.tunnel)
+	ts, err := tunnel.NewServerSession(ws, s.tunnel)
 	if err != nil {
 		s.log.Error("session setup failed", "remote", remote, "client", hello.ClientID, "cause", err)
 		return

@@ -14,6 +14,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/gorilla/websocket"
+
 	"wsp/internal/config"
 	"wsp/internal/rules"
 	"wsp/internal/tunnel"
@@ -26,12 +28,13 @@ const handshakeTimeout = 10 * time.Second
 // Server relays app requests to registered clients. Create it with New and
 // run it with Serve.
 type Server struct {
-	cfg    config.Server
-	log    *slog.Logger
-	rules  *rules.Set
-	tunnel tunnel.Config
-	reg    *registry
-	proxy  *httputil.ReverseProxy
+	cfg      config.Server
+	log      *slog.Logger
+	rules    *rules.Set
+	tunnel   tunnel.Config
+	reg      *registry
+	proxy    *httputil.ReverseProxy
+	upgrader *websocket.Upgrader
 
 	draining atomic.Bool   // set when Serve's context ends: /readyz fails, /register refuses
 	closing  chan struct{} // closed when the drain is over: sessions end
@@ -53,12 +56,13 @@ func New(cfg config.Server, log *slog.Logger) (*Server, error) {
 		return nil, fmt.Errorf("tunnel settings: %w", err)
 	}
 	s := &Server{
-		cfg:     cfg,
-		log:     log,
-		rules:   rs,
-		tunnel:  tc,
-		reg:     newRegistry(),
-		closing: make(chan struct{}),
+		cfg:      cfg,
+		log:      log,
+		rules:    rs,
+		tunnel:   tc,
+		reg:      newRegistry(),
+		upgrader: tunnel.NewUpgrader(handshakeTimeout),
+		closing:  make(chan struct{}),
 	}
 	s.proxy = s.newProxy()
 	return s, nil

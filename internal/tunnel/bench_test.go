@@ -1,14 +1,13 @@
 package tunnel
 
 import (
-	"context"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
 
-	"github.com/coder/websocket"
+	"github.com/gorilla/websocket"
 )
 
 // pair returns the two ends of a session over a real loopback WebSocket.
@@ -16,12 +15,13 @@ func pair(tb testing.TB) (srv, cli *Session) {
 	tb.Helper()
 	got := make(chan *Session, 1)
 	hs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		ws, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{Subprotocol}})
+		up := websocket.Upgrader{Subprotocols: []string{Subprotocol}, ReadBufferSize: ReadBufferSize, WriteBufferSize: WriteBufferSize, WriteBufferPool: WriteBufferPool}
+		ws, err := up.Upgrade(w, r, nil)
 		if err != nil {
 			tb.Error(err)
 			return
 		}
-		s, err := NewServerSession(context.Background(), ws, DefaultConfig())
+		s, err := NewServerSession(ws, DefaultConfig())
 		if err != nil {
 			tb.Error(err)
 			return
@@ -29,11 +29,12 @@ func pair(tb testing.TB) (srv, cli *Session) {
 		got <- s
 	}))
 	tb.Cleanup(hs.Close)
-	ws, _, err := websocket.Dial(context.Background(), "ws"+strings.TrimPrefix(hs.URL, "http"), &websocket.DialOptions{Subprotocols: []string{Subprotocol}})
+	d := websocket.Dialer{Subprotocols: []string{Subprotocol}, ReadBufferSize: ReadBufferSize, WriteBufferSize: WriteBufferSize, WriteBufferPool: WriteBufferPool}
+	ws, _, err := d.Dial("ws"+strings.TrimPrefix(hs.URL, "http"), nil)
 	if err != nil {
 		tb.Fatal(err)
 	}
-	cli, err = NewClientSession(context.Background(), ws, DefaultConfig())
+	cli, err = NewClientSession(ws, DefaultConfig())
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -71,6 +72,38 @@ func BenchmarkStreamRoundTrip(b *testing.B) {
 		st.Write(msg)
 		if _, err := io.ReadFull(st, buf[:len(msg)]); err != nil {
 			b.Fatal(err)
+		}
+		st.Close()
+	}
+}
+
+// BenchmarkStreamDownload sends 10 MiB from the client end to the server end
+// of one stream, as a download through wsp does.
+func BenchmarkStreamDownload(b *testing.B) {
+	srv, cli := pair(b)
+	payload := make([]byte, 10<<20)
+	go func() {
+		for {
+			st, err := cli.AcceptStream()
+			if err != nil {
+				return
+			}
+			go func() {
+				st.Write(payload)
+				st.Close()
+			}()
+		}
+	}()
+	buf := make([]byte, 32<<10)
+	b.SetBytes(int64(len(payload)))
+	for b.Loop() {
+		st, err := srv.OpenStream()
+		if err != nil {
+			b.Fatal(err)
+		}
+		n, err := io.CopyBuffer(io.Discard, struct{ io.Reader }{st}, buf)
+		if err != nil || n != int64(len(payload)) {
+			b.Fatal(n, err)
 		}
 		st.Close()
 	}

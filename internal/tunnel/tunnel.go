@@ -4,13 +4,14 @@
 package tunnel
 
 import (
-	"context"
 	"errors"
 	"io"
 	"net"
+	"net/http"
+	"sync"
 	"time"
 
-	"github.com/coder/websocket"
+	"github.com/gorilla/websocket"
 	"github.com/hashicorp/yamux"
 )
 
@@ -69,26 +70,36 @@ type Session struct {
 	conn *frameConn
 }
 
+// Buffer sizes of the WebSocket under a session. A frame is written as one
+// WebSocket frame when it fits the write buffer, so the buffer matches the
+// largest frame the send path produces (see the relays' copy buffers); the
+// write buffer is pooled, so an idle session holds none.
+const (
+	ReadBufferSize  = 16 << 10
+	WriteBufferSize = 64<<10 + yamuxHeaderSize + 14
+)
+
+// WriteBufferPool is shared by every session's WebSocket writes.
+var WriteBufferPool websocket.BufferPool = &sync.Pool{}
+
 // NewServerSession wraps an accepted WebSocket. The server opens the streams.
-// ctx bounds the WebSocket: cancelling it closes the session.
-func NewServerSession(ctx context.Context, ws *websocket.Conn, cfg Config) (*Session, error) {
-	return newSession(ctx, ws, cfg, yamux.Client)
+func NewServerSession(ws *websocket.Conn, cfg Config) (*Session, error) {
+	return newSession(ws, cfg, yamux.Client)
 }
 
 // NewClientSession wraps a dialed WebSocket. The client accepts streams.
-func NewClientSession(ctx context.Context, ws *websocket.Conn, cfg Config) (*Session, error) {
-	return newSession(ctx, ws, cfg, yamux.Server)
+func NewClientSession(ws *websocket.Conn, cfg Config) (*Session, error) {
+	return newSession(ws, cfg, yamux.Server)
 }
 
-func newSession(ctx context.Context, ws *websocket.Conn, cfg Config, mux func(io.ReadWriteCloser, *yamux.Config) (*yamux.Session, error)) (*Session, error) {
-	nc := websocket.NetConn(ctx, ws, websocket.MessageBinary)
-	// NetConn lifts the read limit; one message holds at most one frame.
-	ws.SetReadLimit(int64(cfg.StreamWindow) + yamuxHeaderSize + maxCoalesce)
-	fc := &frameConn{Conn: nc}
+func newSession(ws *websocket.Conn, cfg Config, mux func(io.ReadWriteCloser, *yamux.Config) (*yamux.Session, error)) (*Session, error) {
+	// One message holds one frame: bigger means a broken or hostile peer.
+	ws.SetReadLimit(int64(cfg.StreamWindow) + yamuxHeaderSize)
+	fc := &frameConn{ws: ws}
 	fc.lastRead.Store(time.Now().UnixNano())
 	s, err := mux(fc, cfg.yamux())
 	if err != nil {
-		nc.Close()
+		ws.Close()
 		return nil, err
 	}
 	return &Session{Session: s, conn: fc}, nil
@@ -118,4 +129,33 @@ func IsSessionGone(err error) bool {
 		errors.Is(err, yamux.ErrStreamsExhausted) ||
 		errors.Is(err, yamux.ErrConnectionWriteTimeout) ||
 		errors.Is(err, yamux.ErrKeepAliveTimeout)
+}
+
+// NewUpgrader returns the WebSocket upgrader for /register, negotiating this
+// protocol's subprotocol.
+func NewUpgrader(handshakeTimeout time.Duration) *websocket.Upgrader {
+	return &websocket.Upgrader{
+		HandshakeTimeout: handshakeTimeout,
+		Subprotocols:     []string{Subprotocol},
+		ReadBufferSize:   ReadBufferSize,
+		WriteBufferSize:  WriteBufferSize,
+		WriteBufferPool:  WriteBufferPool,
+		// Refusals are answered before the upgrade, as plain HTTP.
+		Error: func(w http.ResponseWriter, r *http.Request, status int, reason error) {
+			http.Error(w, reason.Error(), status)
+		},
+	}
+}
+
+// NewDialer returns the WebSocket dialer clients use, through the
+// environment's HTTP proxy settings like any HTTP client.
+func NewDialer(handshakeTimeout time.Duration) *websocket.Dialer {
+	return &websocket.Dialer{
+		Proxy:            http.ProxyFromEnvironment,
+		HandshakeTimeout: handshakeTimeout,
+		Subprotocols:     []string{Subprotocol},
+		ReadBufferSize:   ReadBufferSize,
+		WriteBufferSize:  WriteBufferSize,
+		WriteBufferPool:  WriteBufferPool,
+	}
 }
