@@ -37,3 +37,26 @@ func BenchmarkRelaySmallGet(b *testing.B) {
 }
 
 var parallelism = 32
+
+// BenchmarkDirectSmallGet is the baseline: the same GETs, straight to the
+// backend.
+func BenchmarkDirectSmallGet(b *testing.B) {
+	be := backend(b, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		io.WriteString(w, "a small answer, like most API calls give")
+	}))
+	tr := &http.Transport{MaxIdleConnsPerHost: 256}
+	defer tr.CloseIdleConnections()
+	hc := &http.Client{Transport: tr}
+	b.SetParallelism(parallelism)
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			resp, err := hc.Get(be.URL + "/small")
+			if err != nil {
+				b.Error(err)
+				return
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+	})
+}
