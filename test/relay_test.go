@@ -109,7 +109,9 @@ func TestEventsArriveOneByOne(t *testing.T) {
 }
 
 func TestConcurrentRequestsGetTheirOwnAnswer(t *testing.T) {
-	r, b := setup(t, http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+	r := startServer(t, serverConfig(), nil)
+	a := startClient(t, clientConfig(r, "c1"))
+	b := backend(t, http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
 		// Vary timing so answers come back out of order.
 		if strings.HasSuffix(req.URL.Path, "7") {
 			time.Sleep(5 * time.Millisecond)
@@ -141,6 +143,13 @@ func TestConcurrentRequestsGetTheirOwnAnswer(t *testing.T) {
 	close(errs)
 	for err := range errs {
 		t.Error(err)
+	}
+	// With nothing in flight, a client stops at once, whatever its many
+	// idle streams were doing.
+	start := time.Now()
+	a.stop()
+	if d := time.Since(start); d > 3*time.Second {
+		t.Errorf("idle client took %v to stop", d)
 	}
 }
 

@@ -201,7 +201,8 @@ func refusal(resp *http.Response) error {
 // ended. Every stream handler has returned when serve does.
 func (c *Client) serve(ctx context.Context, sess *tunnel.Session) string {
 	var handlers sync.WaitGroup
-	var inflight atomic.Int64
+	streams := newStreamSet()
+	var open atomic.Int64
 	accepted := make(chan error, 1)
 	// The accept loop holds one count itself, so Add never races Wait from
 	// zero.
@@ -215,20 +216,22 @@ func (c *Client) serve(ctx context.Context, sess *tunnel.Session) string {
 				return
 			}
 			handlers.Add(1)
-			n := inflight.Add(1)
+			n := open.Add(1)
 			go func() {
 				defer handlers.Done()
-				defer inflight.Add(-1)
+				defer open.Add(-1)
 				if n > 2*int64(c.cfg.PoolMaxSize) {
 					// The server keeps within the limit it was told in the
 					// hello, but frees a slot as soon as it has the whole
-					// answer, a moment before this side's handler returns:
+					// answer, a moment before this side's handler is done:
 					// hence the slack. A server that ignores the limit gets
 					// refusals, not unbounded work.
 					c.refuse(st, httperr.New(http.StatusServiceUnavailable, httperr.ClientBusy, "client %q is at its limit of %d concurrent requests", c.cfg.ID, c.cfg.PoolMaxSize))
 					return
 				}
-				c.handle(st)
+				streams.add(st)
+				defer streams.remove(st)
+				c.handle(st, streams)
 			}()
 		}
 	}()
@@ -242,15 +245,17 @@ func (c *Client) serve(ctx context.Context, sess *tunnel.Session) string {
 		}
 	case <-ctx.Done():
 		cause = "client shutting down"
-		sess.GoAway() // the server routes new requests elsewhere
+		sess.GoAway()   // the server opens no more streams...
+		streams.drain() // ...nor reuses the idle ones
 		deadline := time.Now().Add(c.cfg.Drain.D())
-		for inflight.Load() > 0 && time.Now().Before(deadline) && !sess.IsClosed() {
+		for streams.inflight() > 0 && time.Now().Before(deadline) && !sess.IsClosed() {
 			time.Sleep(drainPoll)
 		}
-		if n := inflight.Load(); n > 0 {
+		if n := streams.inflight(); n > 0 {
 			c.log.Warn("drain timed out; abandoning requests", "in_flight", n)
 		}
 	}
+	streams.stopReading()
 	sess.Close()
 	<-accepted
 	handlers.Wait()

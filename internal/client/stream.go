@@ -23,9 +23,6 @@ const (
 	// headTimeout bounds how long the server may take to send a request
 	// head on a stream it opened.
 	headTimeout = 30 * time.Second
-	// lingerTimeout bounds the wait for the server to close its side of a
-	// stream once the answer is sent.
-	lingerTimeout = 30 * time.Second
 )
 
 var (
@@ -40,9 +37,10 @@ var hopHeaders = []string{
 	"Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade",
 }
 
-// handle serves one stream: a request from the server, executed against
-// its destination, the answer streamed back. It owns st.
-func (c *Client) handle(st net.Conn) {
+// handle serves one stream: requests from the server, one after another
+// (the server reuses a stream that ended an exchange cleanly), each executed
+// against its destination and the answer streamed back. It owns st.
+func (c *Client) handle(st net.Conn, streams *streamSet) {
 	defer st.Close()
 	br := streamReaders.Get().(*bufio.Reader)
 	br.Reset(st)
@@ -54,23 +52,52 @@ func (c *Client) handle(st net.Conn) {
 		bw.Reset(nil)
 		streamWriters.Put(bw)
 	}()
-
-	st.SetReadDeadline(time.Now().Add(headTimeout))
-	req, err := http.ReadRequest(br)
-	if err != nil {
-		c.log.Warn("unreadable request from server", "cause", err)
-		c.answer(bw, httperr.Wrap(err, http.StatusBadRequest, httperr.BadRequest, "client %q could not read the relayed request", c.cfg.ID))
-		return
+	for {
+		// Between exchanges the stream waits as long as the server keeps
+		// it; a request's head, once begun, must arrive promptly.
+		if _, err := br.Peek(1); err != nil {
+			return
+		}
+		if !streams.begin(st) {
+			return // draining: the server sends this request elsewhere
+		}
+		st.SetReadDeadline(time.Now().Add(headTimeout))
+		req, err := http.ReadRequest(br)
+		st.SetReadDeadline(time.Time{})
+		var keep bool
+		var x *exchange
+		if err != nil {
+			c.log.Warn("unreadable request from server", "cause", err)
+			c.answer(bw, httperr.Wrap(err, http.StatusBadRequest, httperr.BadRequest, "client %q could not read the relayed request", c.cfg.ID))
+		} else {
+			keep, x = c.serve1(st, br, bw, req)
+		}
+		streams.end(st)
+		if x != nil {
+			// The exchange's watcher now waits for the next request.
+			keep = x.wait(keep)
+		}
+		if !keep {
+			return
+		}
 	}
-	st.SetReadDeadline(time.Time{})
+}
+
+// serve1 serves one request and reports whether the stream may carry the
+// next one: it may when both the request and the answer went through whole.
+// The exchange, when there is one, must then be waited for.
+func (c *Client) serve1(st net.Conn, br *bufio.Reader, bw *bufio.Writer, req *http.Request) (bool, *exchange) {
+	hasBody := req.Body != nil && req.Body != http.NoBody
 	if e := c.admit(req); e != nil {
 		c.log.Info("request refused", "method", req.Method, "host", req.URL.Host, "status", e.Status, "cause", e.Error())
+		if hasBody {
+			e.Close = true // its body is left unread: the stream cannot go on
+		}
 		c.answer(bw, e)
-		return
+		return !hasBody, nil
 	}
 	x := &exchange{c: c, st: st, br: br, bw: bw, req: req}
-	x.run()
-	x.wait()
+	return x.run(), x
 }
 
 // admit checks a request before any byte of it goes anywhere.
@@ -144,6 +171,9 @@ type exchange struct {
 	// watching is closed when the watch goroutine is done; nil if none
 	// was started. Set before it starts, by run's goroutine.
 	watching chan struct{}
+	// next: the server sent another request. Written by watch before it
+	// closes watching.
+	next bool
 
 	mu       sync.Mutex
 	bc       *backendConn // guarded by mu; nil once finished
@@ -151,7 +181,10 @@ type exchange struct {
 	aborted  bool         // guarded by mu: the server gave up on the request
 }
 
-func (x *exchange) run() {
+// run executes the request and answers the server. It reports whether the
+// exchange went through whole on the stream's side: the request body was
+// read to its end and the answer written to its end.
+func (x *exchange) run() (keep bool) {
 	hasBody := x.req.Body != nil && x.req.Body != http.NoBody
 	sentBody := make(chan error, 1)
 	if !hasBody {
@@ -165,12 +198,11 @@ func (x *exchange) run() {
 		var err error
 		bc, reused, err = x.c.backends.get(context.Background(), x.req.URL)
 		if err != nil {
-			x.fail(dialError(x.c.cfg.ID, x.req.URL.Host, err))
-			return
+			return x.fail(dialError(x.c.cfg.ID, x.req.URL.Host, err), hasBody)
 		}
 		if !x.attach(bc) {
 			bc.Close()
-			return
+			return false
 		}
 		if hasBody {
 			x.startWatch(bc, sentBody)
@@ -194,23 +226,23 @@ func (x *exchange) run() {
 		if reused && !hasBody && attempt == 0 && staleConn(err) {
 			continue // the destination closed the idle connection: dial afresh
 		}
-		x.fail(destinationError(x.c.cfg.ID, x.req.URL.Host, err))
-		return
+		return x.fail(destinationError(x.c.cfg.ID, x.req.URL.Host, err), hasBody)
 	}
-	reusable := x.respond(resp)
-	if reusable {
+	keep = x.respond(resp)
+	if keep {
 		select {
 		case err := <-sentBody:
-			reusable = err == nil
+			keep = err == nil
 		default:
-			reusable = false // the destination answered before taking the whole body
+			keep = false // the destination answered before taking the whole body
 		}
 	}
-	if x.finish() && reusable {
+	if x.finish() && keep && !resp.Close {
 		x.c.backends.put(bc)
 	} else {
 		bc.Close()
 	}
+	return keep
 }
 
 // startWatch runs watch in a goroutine that wait waits for.
@@ -222,15 +254,28 @@ func (x *exchange) startWatch(bc *backendConn, sent chan<- error) {
 	}()
 }
 
-// wait ends the exchange: it half-closes the stream, which tells the server
-// the answer is over (complete or not), and waits for the watcher to see
-// the server close its side.
-func (x *exchange) wait() {
-	x.st.Close()
-	if x.watching != nil {
-		x.st.SetReadDeadline(time.Now().Add(lingerTimeout))
-		<-x.watching
+// wait ends the exchange. When it did not go through whole it closes the
+// stream, which tells the server this stream is done, and stops the watcher.
+// Otherwise the watcher waits for the server's next request or the end of
+// the stream; wait reports whether a next request came.
+func (x *exchange) wait(keep bool) bool {
+	if !keep {
+		x.st.Close()
+		stopReading(x.st)
 	}
+	if x.watching == nil {
+		return false
+	}
+	<-x.watching
+	return keep && x.next
+}
+
+// stopReading makes pending and future reads of a closed stream fail at
+// once. A reader left waiting on a stream closed on this side would spin
+// when the session shuts down (yamux v0.1.2 loops between its shutdown
+// signal and a state that still allows reads), delaying the shutdown.
+func stopReading(st net.Conn) {
+	st.SetReadDeadline(time.Now())
 }
 
 // respond streams resp to the server. It reports whether bc ended the
@@ -287,9 +332,10 @@ func (x *exchange) respond(resp *http.Response) bool {
 	return !resp.Close
 }
 
-// watch writes the request body if bc is set, then waits for the server to
-// close the stream. A close before the answer is complete cancels the
-// request: the destination sees its connection closed.
+// watch writes the request body if bc is set, then waits for what the
+// server sends next: a new request (the exchange is over) or the end of the
+// stream, which before the answer is complete means the app went away, so
+// the request is cancelled and the destination sees its connection closed.
 func (x *exchange) watch(bc *backendConn, sent chan<- error) {
 	if bc != nil {
 		err := x.req.Write(bc.bw)
@@ -301,7 +347,10 @@ func (x *exchange) watch(bc *backendConn, sent chan<- error) {
 			bc.Close() // unblocks run's read of the answer
 		}
 	}
-	io.Copy(io.Discard, x.br)
+	if _, err := x.br.Peek(1); err == nil {
+		x.next = true
+		return
+	}
 	x.abort()
 }
 
@@ -339,18 +388,26 @@ func (x *exchange) isAborted() bool {
 	return x.aborted
 }
 
-// fail answers the server with e, unless it already gave up.
-func (x *exchange) fail(e *httperr.Error) {
+// fail answers the server with e, unless it already gave up, and reports
+// whether the stream may go on (not when the request's body is unread).
+func (x *exchange) fail(e *httperr.Error, hasBody bool) (keep bool) {
 	if x.isAborted() {
-		return
+		return false
 	}
 	x.c.log.Info("request failed", "method", x.req.Method, "host", x.req.URL.Host, "status", e.Status, "cause", e.Error())
+	e.Close = hasBody
 	x.c.answer(x.bw, e)
+	return !hasBody
 }
 
 // readResponse reads the final answer, skipping informational ones (100
 // Continue, 103 Early Hints): the server's side answers those itself.
 func readResponse(br *bufio.Reader, req *http.Request) (*http.Response, error) {
+	// ReadResponse reports a connection closed before the first byte as
+	// io.ErrUnexpectedEOF; staleConn needs to see it as the io.EOF it is.
+	if _, err := br.Peek(1); err != nil {
+		return nil, err
+	}
 	for {
 		resp, err := http.ReadResponse(br, req)
 		if err != nil {

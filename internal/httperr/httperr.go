@@ -41,6 +41,9 @@ type Error struct {
 	Code   string
 	Msg    string // one line, no secrets, names where it happened
 	Err    error  // the cause, for logs
+	// Close marks a response sent down a tunnel stream as the stream's
+	// last (Connection: close), when the request's body was left unread.
+	Close bool
 }
 
 // New returns an Error with a formatted message.
@@ -114,6 +117,7 @@ func WriteResponse(w io.Writer, e *Error) error {
 		Header:        http.Header{},
 		ContentLength: int64(len(body)),
 		Body:          io.NopCloser(strings.NewReader(body)),
+		Close:         e.Close,
 	}
 	e.setHeaders(resp.Header)
 	return resp.Write(w)

@@ -23,9 +23,12 @@ type session struct {
 	since      time.Time
 	maxStreams int64
 
-	inflight atomic.Int64 // streams open or being opened; at most maxStreams
-	requests atomic.Int64 // streams ever opened
+	inflight atomic.Int64 // exchanges in progress; at most maxStreams
+	requests atomic.Int64 // exchanges ever started
 	gone     atomic.Bool  // closed, or the client said go away: never picked again
+
+	mu   sync.Mutex
+	idle []idleStream // guarded by mu; oldest first. len(idle)+inflight <= maxStreams
 }
 
 // acquire reserves a stream slot; false when the session is full or gone.

@@ -32,6 +32,10 @@ type transport struct {
 
 func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	x := exchangeOf(req.Context())
+	// A request with a body goes on a fresh stream: a reused one may turn
+	// out to be closed by the client, and only a request whose every byte
+	// is still at hand can be sent again.
+	fresh := req.Body != nil && req.Body != http.NoBody
 	var tried []*session
 	for {
 		s, err := t.reg.pick(req.Context(), x.clientID, tried, t.timeout)
@@ -39,7 +43,7 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 			return nil, err
 		}
 		x.sessionID, x.clientID = s.id, s.clientID
-		st, err := s.OpenStream()
+		st, reused, err := s.stream(fresh)
 		if err != nil {
 			t.reg.release(s)
 			if tunnel.IsSessionGone(err) {
@@ -51,29 +55,42 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 			return nil, httperr.Wrap(err, http.StatusBadGateway, httperr.TunnelBroken, "opening a stream to client %q failed", s.clientID)
 		}
 		s.requests.Add(1)
-		return t.exchange(req, s, st)
+		resp, err := t.exchange(req, s, st, reused)
+		if errors.Is(err, errClosedIdle) {
+			// The client closed the stream while it was idle (it is
+			// draining, or the session is ending): it never read the
+			// request, so sending it again is safe.
+			continue
+		}
+		return resp, err
 	}
 }
 
+// errClosedIdle is a reused stream found closed before any byte of an answer.
+var errClosedIdle = errors.New("stream closed while idle")
+
 // exchange sends req on st and returns the response, whose Body owns the
 // stream and the session's slot until closed.
-func (t *transport) exchange(req *http.Request, s *session, st *yamux.Stream) (*http.Response, error) {
-	done := func() {
-		st.Close()
-		t.reg.release(s)
-	}
-	broken := func(err error) error {
-		return httperr.Wrap(err, http.StatusBadGateway, httperr.TunnelBroken, "the session to client %q broke", s.clientID)
-	}
+func (t *transport) exchange(req *http.Request, s *session, st *yamux.Stream, reused bool) (*http.Response, error) {
 	// Unblock a pending read when the app goes away; closing the stream
 	// tells the client to abandon the request.
 	stop := context.AfterFunc(req.Context(), func() {
 		st.SetReadDeadline(time.Now())
 		st.Close()
 	})
+	fail := func(err error) (*http.Response, error) {
+		stop()
+		st.Close()
+		t.reg.release(s)
+		return nil, err
+	}
+	broken := func(err error) error {
+		return httperr.Wrap(err, http.StatusBadGateway, httperr.TunnelBroken, "the session to client %q broke", s.clientID)
+	}
 
 	bw := writerPool.Get().(*bufio.Writer)
 	bw.Reset(st)
+	var sent chan error // the request is on its way when this yields nil
 	if req.Body == nil || req.Body == http.NoBody {
 		err := req.WriteProxy(bw)
 		if err == nil {
@@ -82,9 +99,7 @@ func (t *transport) exchange(req *http.Request, s *session, st *yamux.Stream) (*
 		bw.Reset(nil)
 		writerPool.Put(bw)
 		if err != nil {
-			stop()
-			done()
-			return nil, broken(err)
+			return fail(broken(err))
 		}
 	} else {
 		// The body streams while the answer is read: the client may answer
@@ -92,6 +107,7 @@ func (t *transport) exchange(req *http.Request, s *session, st *yamux.Stream) (*
 		// goroutine ends when the body does or the stream closes; http.Server
 		// ends the body once the handler returns, so it never outlives the
 		// request by more than that.
+		sent = make(chan error, 1)
 		go func() {
 			err := req.WriteProxy(bw)
 			if err == nil {
@@ -104,26 +120,47 @@ func (t *transport) exchange(req *http.Request, s *session, st *yamux.Stream) (*
 				// abandoned and the client sees a truncated request.
 				st.Close()
 			}
+			sent <- err
 		}()
 	}
 
 	br := readerPool.Get().(*bufio.Reader)
 	br.Reset(st)
-	resp, err := http.ReadResponse(br, req)
+	// ReadResponse reports a stream closed before the first byte as
+	// io.ErrUnexpectedEOF; a reused stream needs to see it as the io.EOF it is.
+	_, err := br.Peek(1)
+	var resp *http.Response
+	if err == nil {
+		resp, err = http.ReadResponse(br, req)
+	}
 	if err != nil {
-		stop()
 		br.Reset(nil)
 		readerPool.Put(br)
-		done()
 		if cerr := req.Context().Err(); cerr != nil {
-			return nil, cerr
+			return fail(cerr)
+		}
+		if err == io.EOF && reused {
+			return fail(errClosedIdle)
 		}
 		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-			err = fmt.Errorf("stream closed before a response: %w", err)
+			err = fmt.Errorf("stream closed in the middle of a response: %w", err)
 		}
-		return nil, broken(err)
+		return fail(broken(err))
 	}
-	b := &streamBody{ReadCloser: resp.Body, br: br, close: func() { stop(); done() }}
+	b := &streamBody{ReadCloser: resp.Body, br: br, st: st, resp: resp, sent: sent, done: func(reuse bool) {
+		if !stop() {
+			reuse = false // the app went away and the stream is closed
+		}
+		if reuse {
+			s.putIdle(st)
+		} else {
+			// An upgraded body may still be read: make that fail at once
+			// rather than wait on a stream closed on this side.
+			st.SetReadDeadline(time.Now())
+			st.Close()
+		}
+		t.reg.release(s)
+	}}
 	if resp.StatusCode == http.StatusSwitchingProtocols {
 		// ReverseProxy may still read an upgraded body after closing it,
 		// so its reader is never recycled.
@@ -135,24 +172,52 @@ func (t *transport) exchange(req *http.Request, s *session, st *yamux.Stream) (*
 	return resp, nil
 }
 
-// streamBody is a response body read from a stream. Close ends the stream
-// and frees the session slot; it is idempotent.
+// streamBody is a response body read from a stream. Close frees the
+// session's slot and, when the exchange ended cleanly, keeps the stream for
+// the next request; it is idempotent.
 type streamBody struct {
 	io.ReadCloser
-	br    *bufio.Reader // recycled on Close; nil when it must not be
-	once  sync.Once
-	close func()
+	br     *bufio.Reader // recycled on Close; nil when it must not be
+	st     *yamux.Stream
+	resp   *http.Response
+	sent   chan error // nil when the request went out whole before the answer was read
+	sawEOF bool       // the body was read to its end
+	once   sync.Once
+	done   func(reuse bool)
+}
+
+func (b *streamBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err == io.EOF {
+		b.sawEOF = true
+	}
+	return n, err
 }
 
 func (b *streamBody) Close() error {
 	b.once.Do(func() {
-		b.close()
+		reuse := b.sawEOF && !b.resp.Close && b.br != nil && b.br.Buffered() == 0 && b.requestSent()
+		b.ReadCloser.Close()
+		b.done(reuse)
 		if b.br != nil {
 			b.br.Reset(nil)
 			readerPool.Put(b.br)
 		}
 	})
 	return nil
+}
+
+// requestSent reports whether the whole request went out without error.
+func (b *streamBody) requestSent() bool {
+	if b.sent == nil {
+		return true
+	}
+	select {
+	case err := <-b.sent:
+		return err == nil
+	default:
+		return false // still sending: the stream cannot carry another request
+	}
 }
 
 // upgradedBody is the body of a 101 answer: after the switch the stream is a

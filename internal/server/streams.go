@@ -1,0 +1,54 @@
+package server
+
+import (
+	"time"
+
+	"github.com/hashicorp/yamux"
+)
+
+// idleStreamTimeout is how long a stream may wait in a session's idle list
+// before it is closed, which frees the client's goroutine serving it.
+const idleStreamTimeout = time.Minute
+
+// idleStream is a stream that completed an exchange cleanly and may carry
+// the next request, HTTP/1.1 keep-alive style: reusing it spares the frames
+// that open and close a stream.
+type idleStream struct {
+	st    *yamux.Stream
+	since time.Time
+}
+
+// stream returns a stream for one exchange: the most recently idled one, or
+// a new one. reused says which.
+func (s *session) stream(fresh bool) (st *yamux.Stream, reused bool, err error) {
+	if !fresh {
+		s.mu.Lock()
+		if n := len(s.idle); n > 0 {
+			st = s.idle[n-1].st
+			s.idle[n-1] = idleStream{}
+			s.idle = s.idle[:n-1]
+		}
+		s.mu.Unlock()
+		if st != nil {
+			return st, true, nil
+		}
+	}
+	st, err = s.OpenStream()
+	return st, false, err
+}
+
+// putIdle keeps st for the next exchange and closes streams idle too long.
+func (s *session) putIdle(st *yamux.Stream) {
+	now := time.Now()
+	var stale []*yamux.Stream
+	s.mu.Lock()
+	for len(s.idle) > 0 && now.Sub(s.idle[0].since) > idleStreamTimeout {
+		stale = append(stale, s.idle[0].st)
+		s.idle = s.idle[1:]
+	}
+	s.idle = append(s.idle, idleStream{st: st, since: now})
+	s.mu.Unlock()
+	for _, st := range stale { // closing writes a frame: never under mu
+		st.Close()
+	}
+}
