@@ -29,7 +29,9 @@ const (
 	NoClient           = "no_client"            // 503: nobody connected can serve it
 	ClientBusy         = "client_busy"          // 504: connected clients stayed at their stream limit
 	DestinationTimeout = "destination_timeout"  // 504: the destination did not answer in time
-	HeaderTooLarge     = "request_header_large" // 431
+	Unauthorized       = "unauthorized"         // 401: a credential is missing
+	Forbidden          = "forbidden"            // 403: a credential is wrong
+	Draining           = "draining"             // 503: the server is shutting down
 )
 
 // RetryAfter is the Retry-After value sent with 503s, in seconds.

@@ -17,7 +17,7 @@ import (
 func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 	remote := r.RemoteAddr
 	if s.draining.Load() {
-		httperr.Write(w, httperr.New(http.StatusServiceUnavailable, httperr.NoClient, "server is draining; connect to another node"))
+		httperr.Write(w, httperr.New(http.StatusServiceUnavailable, httperr.Draining, "server is draining; connect to another node"))
 		return
 	}
 	if !offers(r, tunnel.Subprotocol) {
@@ -69,12 +69,12 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 // watch waits for sess to end and says why.
 func (s *Server) watch(sess *session) string {
 	idle := s.cfg.IdleTimeout.D()
-	var tick <-chan time.Time
+	period := idleStreamTimeout / 4
 	if idle > 0 {
-		t := time.NewTicker(max(idle/4, 10*time.Millisecond))
-		defer t.Stop()
-		tick = t.C
+		period = min(period, max(idle/4, 10*time.Millisecond))
 	}
+	t := time.NewTicker(period)
+	defer t.Stop()
 	for {
 		select {
 		case <-sess.CloseChan():
@@ -84,10 +84,11 @@ func (s *Server) watch(sess *session) string {
 			return "connection lost"
 		case <-s.closing:
 			return "server shutting down"
-		case <-tick:
-			if d := sess.IdleFor(); d > idle {
+		case <-t.C:
+			if d := sess.IdleFor(); idle > 0 && d > idle {
 				return fmt.Sprintf("nothing received for %s (idletimeout)", d.Round(time.Millisecond))
 			}
+			sess.closeIdleStreams(time.Now().Add(-idleStreamTimeout))
 		}
 	}
 }
@@ -100,10 +101,10 @@ func (s *Server) checkSecret(got string) *httperr.Error {
 		return nil
 	}
 	if got == "" {
-		return httperr.New(http.StatusUnauthorized, "unauthorized", "missing %s", tunnel.HeaderSecretKey)
+		return httperr.New(http.StatusUnauthorized, httperr.Unauthorized, "missing %s", tunnel.HeaderSecretKey)
 	}
 	if subtle.ConstantTimeCompare([]byte(got), []byte(want)) != 1 {
-		return httperr.New(http.StatusForbidden, "forbidden", "invalid %s", tunnel.HeaderSecretKey)
+		return httperr.New(http.StatusForbidden, httperr.Forbidden, "invalid %s", tunnel.HeaderSecretKey)
 	}
 	return nil
 }

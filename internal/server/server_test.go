@@ -206,3 +206,31 @@ func TestRelayRetriesStreamClosedWhileIdle(t *testing.T) {
 		}
 	}
 }
+
+// Exchanges that end cleanly leave their stream for the next request, and
+// idle streams are closed once they are old enough.
+func TestStreamsReusedThenClosedWhenIdle(t *testing.T) {
+	base, srv, hc := startServer(t)
+	fakeClient(t, base, "c1", 4, false, func(*http.Request) {})
+	waitFor(t, "the session to register", func() bool { return len(srv.Stats().Sessions) == 1 })
+	for i := range 3 {
+		if status, body, _ := get(t, hc, base, "c1", "http://backend.test/"); status != 200 || body != "hello" {
+			t.Fatalf("request %d: %d %q", i, status, body)
+		}
+	}
+	s := srv.reg.sessions()[0]
+	idle := func() int { s.mu.Lock(); defer s.mu.Unlock(); return len(s.idle) }
+	waitFor(t, "the stream to go idle", func() bool { return idle() == 1 })
+	if n := s.NumStreams(); n != 1 {
+		t.Fatalf("%d streams open after 3 sequential requests, want 1 reused", n)
+	}
+	s.closeIdleStreams(time.Now().Add(-time.Hour)) // nothing that old
+	if idle() != 1 {
+		t.Fatal("a fresh idle stream was closed")
+	}
+	s.closeIdleStreams(time.Now().Add(time.Hour))
+	if idle() != 0 {
+		t.Fatal("an old idle stream was kept")
+	}
+	waitFor(t, "the client to see the stream closed", func() bool { return s.NumStreams() == 0 })
+}

@@ -37,16 +37,23 @@ func (s *session) stream(fresh bool) (st *yamux.Stream, reused bool, err error) 
 	return st, false, err
 }
 
-// putIdle keeps st for the next exchange and closes streams idle too long.
+// putIdle keeps st for the next exchange.
 func (s *session) putIdle(st *yamux.Stream) {
-	now := time.Now()
+	s.mu.Lock()
+	s.idle = append(s.idle, idleStream{st: st, since: time.Now()})
+	s.mu.Unlock()
+}
+
+// closeIdleStreams closes the streams idle since before cutoff, which frees
+// the client's goroutines waiting on them.
+func (s *session) closeIdleStreams(cutoff time.Time) {
 	var stale []*yamux.Stream
 	s.mu.Lock()
-	for len(s.idle) > 0 && now.Sub(s.idle[0].since) > idleStreamTimeout {
+	for len(s.idle) > 0 && s.idle[0].since.Before(cutoff) {
 		stale = append(stale, s.idle[0].st)
+		s.idle[0] = idleStream{}
 		s.idle = s.idle[1:]
 	}
-	s.idle = append(s.idle, idleStream{st: st, since: now})
 	s.mu.Unlock()
 	for _, st := range stale { // closing writes a frame: never under mu
 		st.Close()
