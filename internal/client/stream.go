@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"wsp/internal/httperr"
-	"wsp/internal/rules"
 )
 
 const (
@@ -107,7 +106,7 @@ func (c *Client) admit(req *http.Request) *httperr.Error {
 		return httperr.New(http.StatusBadRequest, httperr.BadDestination, "client %q: destination %q is not an absolute http(s) URL", c.cfg.ID, req.RequestURI)
 	}
 	if err := c.rules.Check(req.Method, u.String(), req.Header); err != nil {
-		return httperr.New(http.StatusForbidden, httperr.ClientRefused, "refused by the rules of client %q: %s %s %s", c.cfg.ID, req.Method, u.Redacted(), reason(err))
+		return httperr.New(http.StatusForbidden, httperr.ClientRefused, "refused by the rules of client %q: %s %s %s", c.cfg.ID, req.Method, u.Redacted(), err)
 	}
 	for name := range req.Header {
 		if strings.HasPrefix(name, "X-Proxy-") {
@@ -141,15 +140,6 @@ func (c *Client) refuse(st net.Conn, e *httperr.Error) {
 	c.answer(bw, e)
 	bw.Reset(nil)
 	streamWriters.Put(bw)
-}
-
-// reason is the human part of a rules refusal.
-func reason(err error) string {
-	var r *rules.Refusal
-	if errors.As(err, &r) {
-		return r.Reason
-	}
-	return err.Error()
 }
 
 func (c *Client) answer(bw *bufio.Writer, e *httperr.Error) {

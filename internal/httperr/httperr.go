@@ -19,19 +19,19 @@ const Header = "X-Wsp-Error"
 
 // Codes, one per distinct cause an operator would act on differently.
 const (
-	BadRequest         = "bad_request"          // 400: malformed request
-	BadDestination     = "bad_destination"      // 400: missing or unparsable destination
-	ServerRefused      = "server_refused"       // 403: a server rule refused it
-	ClientRefused      = "client_refused"       // 403: the client's rules refused it
-	DialFailed         = "dial_failed"          // 502: the client could not reach the destination
-	DestinationBroken  = "destination_broken"   // 502: the destination broke the exchange
-	TunnelBroken       = "tunnel_broken"        // 502: the client session broke
-	NoClient           = "no_client"            // 503: nobody connected can serve it
-	ClientBusy         = "client_busy"          // 504: connected clients stayed at their stream limit
-	DestinationTimeout = "destination_timeout"  // 504: the destination did not answer in time
-	Unauthorized       = "unauthorized"         // 401: a credential is missing
-	Forbidden          = "forbidden"            // 403: a credential is wrong
-	Draining           = "draining"             // 503: the server is shutting down
+	BadRequest         = "bad_request"         // 400: malformed request
+	BadDestination     = "bad_destination"     // 400: missing or unparsable destination
+	ServerRefused      = "server_refused"      // 403: a server rule refused it
+	ClientRefused      = "client_refused"      // 403: the client's rules refused it
+	DialFailed         = "dial_failed"         // 502: the client could not reach the destination
+	DestinationBroken  = "destination_broken"  // 502: the destination broke the exchange
+	TunnelBroken       = "tunnel_broken"       // 502: the client session broke
+	NoClient           = "no_client"           // 503: nobody connected can serve it
+	ClientBusy         = "client_busy"         // 504: connected clients stayed at their stream limit
+	DestinationTimeout = "destination_timeout" // 504: the destination did not answer in time
+	Unauthorized       = "unauthorized"        // 401: a credential is missing
+	Forbidden          = "forbidden"           // 403: a credential is wrong
+	Draining           = "draining"            // 503: the server is shutting down
 )
 
 // RetryAfter is the Retry-After value sent with 503s, in seconds.

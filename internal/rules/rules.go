@@ -214,5 +214,5 @@ type Refusal struct {
 	Reason string // e.g. "matches blacklist rule 2", "matches no whitelist rule"
 }
 
-// Error returns "refused: REASON".
-func (r *Refusal) Error() string { return "refused: " + r.Reason }
+// Error returns the reason alone; callers say what was refused and by whom.
+func (r *Refusal) Error() string { return r.Reason }

@@ -171,7 +171,7 @@ func TestCheck(t *testing.T) {
 			if r.Reason != tt.wantReason {
 				t.Errorf("Reason = %q, want %q", r.Reason, tt.wantReason)
 			}
-			if got, want := err.Error(), "refused: "+tt.wantReason; got != want {
+			if got, want := err.Error(), tt.wantReason; got != want {
 				t.Errorf("Error() = %q, want %q", got, want)
 			}
 		})

@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"wsp/internal/httperr"
-	"wsp/internal/rules"
 	"wsp/internal/tunnel"
 )
 
@@ -112,20 +111,11 @@ func (s *Server) relay(w http.ResponseWriter, r *http.Request, entry string, des
 		return
 	}
 	if err := s.rules.Check(r.Method, dest.String(), r.Header); err != nil {
-		x.err = httperr.New(http.StatusForbidden, httperr.ServerRefused, "refused by the server's rules: %s %s %s", r.Method, dest.Redacted(), reason(err))
+		x.err = httperr.New(http.StatusForbidden, httperr.ServerRefused, "refused by the server's rules: %s %s %s", r.Method, dest.Redacted(), err)
 		httperr.Write(rec, x.err)
 		return
 	}
 	s.proxy.ServeHTTP(rec, r.WithContext(context.WithValue(r.Context(), exchangeKey{}, x)))
-}
-
-// reason is the human part of a rules refusal.
-func reason(err error) string {
-	var r *rules.Refusal
-	if errors.As(err, &r) {
-		return r.Reason
-	}
-	return err.Error()
 }
 
 func writeError(w http.ResponseWriter, err error) {
