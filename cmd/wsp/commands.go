@@ -13,6 +13,7 @@ import (
 
 	"wsp/internal/client"
 	"wsp/internal/config"
+	"wsp/internal/forward"
 	"wsp/internal/server"
 )
 
@@ -113,4 +114,30 @@ func newLogger(format string, w io.Writer) *slog.Logger {
 		return slog.New(slog.NewJSONHandler(w, nil))
 	}
 	return slog.New(slog.NewTextHandler(w, nil))
+}
+
+func runForward(ctx context.Context, args []string, stderr io.Writer) error {
+	fs := flag.NewFlagSet("wsp forward", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var cfg forward.Config
+	listen := fs.String("listen", "127.0.0.1:0", "local `address` to accept connections on")
+	fs.StringVar(&cfg.Server, "server", "", "wsp server `URL` (http://host:port or https://host:port)")
+	fs.StringVar(&cfg.To, "to", "", "destination `host:port`, reached by a client")
+	fs.StringVar(&cfg.Client, "client", "", "client pool `id` to go through (default: the server chooses)")
+	fs.StringVar(&cfg.Auth, "auth", "", "app credentials `user:password`, when the server requires them")
+	logFormat := fs.String("logformat", "text", "log `format`: text or json")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	log := newLogger(*logFormat, stderr)
+	f, err := forward.New(cfg, log)
+	if err != nil {
+		return &usageError{err.Error()}
+	}
+	ln, err := net.Listen("tcp", *listen)
+	if err != nil {
+		return err
+	}
+	log.Info("forwarding", "listen", ln.Addr().String(), "to", cfg.To, "server", cfg.Server)
+	return f.Serve(ctx, ln)
 }

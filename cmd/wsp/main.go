@@ -48,6 +48,8 @@ const usage = `wsp: a reverse HTTP proxy over WebSocket
 usage:
   wsp server  [-config FILE] [flags]   accept clients, relay app requests to them
   wsp client  [-config FILE] [flags]   dial servers, execute the requests they relay
+  wsp forward -server URL -listen ADDR -to HOST:PORT
+                                       carry local connections through a CONNECT tunnel
   wsp demo                             server + client + sample API on loopback
   wsp version                          print version information
 
@@ -66,6 +68,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return runServer(ctx, args, stderr)
 	case "client":
 		return runClient(ctx, args, stderr)
+	case "forward":
+		return runForward(ctx, args, stderr)
 	case "demo":
 		return runDemo(ctx, args, stdout, stderr)
 	case "version":

@@ -157,6 +157,7 @@ func (c *Client) dial(ctx context.Context, target string) (*tunnel.Session, stri
 		SecretKey:  c.cfg.SecretKey,
 		MaxStreams: c.cfg.PoolMaxSize,
 		Version:    Version,
+		Rules:      tunnel.Rules{Whitelist: c.cfg.Whitelist, Blacklist: c.cfg.Blacklist},
 	}
 	ws, resp, err := c.dialer.DialContext(ctx, wsURL(target), hello.Header())
 	if err != nil {

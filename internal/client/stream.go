@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/textproto"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -16,6 +17,7 @@ import (
 	"time"
 
 	"wsp/internal/httperr"
+	"wsp/internal/tunnel"
 )
 
 const (
@@ -95,26 +97,83 @@ func (c *Client) serve1(st net.Conn, br *bufio.Reader, bw *bufio.Writer, req *ht
 		c.answer(bw, e)
 		return !hasBody, nil
 	}
-	x := &exchange{c: c, st: st, br: br, bw: bw, req: req}
+	if req.Method == http.MethodConnect {
+		c.connect(st, br, bw, req)
+		return false, nil
+	}
+	x := &exchange{c: c, st: st, br: br, bw: bw, req: req, upgrade: upgradeType(req.Header)}
 	return x.run(), x
 }
 
-// admit checks a request before any byte of it goes anywhere.
+// connect serves CONNECT host:port: it dials the destination, answers 200
+// and joins the stream to the connection, half-closes included. The stream
+// ends with the tunnel.
+func (c *Client) connect(st net.Conn, br *bufio.Reader, bw *bufio.Writer, req *http.Request) {
+	target := req.URL.Host
+	ctx, cancel := context.WithTimeout(context.Background(), c.cfg.DialTimeout.D())
+	conn, err := c.backends.dialer.DialContext(ctx, "tcp", target)
+	cancel()
+	if err != nil {
+		e := dialError(c.cfg.ID, target, err)
+		c.log.Info("tunnel failed", "host", target, "status", e.Status, "cause", e.Error())
+		c.answer(bw, e)
+		return
+	}
+	bw.WriteString("HTTP/1.1 200 Connection established\r\n\r\n")
+	if err := bw.Flush(); err != nil {
+		conn.Close()
+		return
+	}
+	tunnel.Join(tunnel.End{Conn: st, Reader: br}, tunnel.End{Conn: conn}, 0)
+}
+
+// upgradeType is the protocol a request asks to switch to, or "".
+func upgradeType(h http.Header) string {
+	for _, v := range h["Connection"] {
+		for _, tok := range strings.Split(v, ",") {
+			if strings.EqualFold(textproto.TrimString(tok), "upgrade") {
+				return h.Get("Upgrade")
+			}
+		}
+	}
+	return ""
+}
+
+// admit checks a request before any byte of it goes anywhere. Rules match
+// the URL, or host:port for CONNECT.
 func (c *Client) admit(req *http.Request) *httperr.Error {
 	u := req.URL
-	if u.Host == "" || (u.Scheme != "http" && u.Scheme != "https") {
+	target := u.String()
+	if req.Method == http.MethodConnect {
+		target = u.Host
+		if _, port, err := net.SplitHostPort(target); err != nil || port == "" {
+			return httperr.New(http.StatusBadRequest, httperr.BadDestination, "client %q: CONNECT %q: want host:port", c.cfg.ID, target)
+		}
+	} else if u.Host == "" || (u.Scheme != "http" && u.Scheme != "https") {
 		return httperr.New(http.StatusBadRequest, httperr.BadDestination, "client %q: destination %q is not an absolute http(s) URL", c.cfg.ID, req.RequestURI)
 	}
-	if err := c.rules.Check(req.Method, u.String(), req.Header); err != nil {
-		return httperr.New(http.StatusForbidden, httperr.ClientRefused, "refused by the rules of client %q: %s %s %s", c.cfg.ID, req.Method, u.Redacted(), err)
+	if err := c.rules.Check(req.Method, target, req.Header); err != nil {
+		return httperr.New(http.StatusForbidden, httperr.ClientRefused, "refused by the rules of client %q: %s %s: %s", c.cfg.ID, req.Method, redact(u), err)
 	}
+	upgrade := upgradeType(req.Header)
 	for name := range req.Header {
 		if strings.HasPrefix(name, "X-Proxy-") {
 			delete(req.Header, name)
 		}
 	}
 	removeHopHeaders(req.Header)
+	if upgrade != "" {
+		req.Header.Set("Connection", "Upgrade")
+		req.Header.Set("Upgrade", upgrade)
+	}
 	return nil
+}
+
+// redact drops the user info and query of a URL for messages and logs.
+func redact(u *url.URL) string {
+	r := *u
+	r.User, r.RawQuery, r.Fragment = nil, "", ""
+	return r.String()
 }
 
 // removeHopHeaders deletes the headers meant for one connection only: the
@@ -164,6 +223,9 @@ type exchange struct {
 	// next: the server sent another request. Written by watch before it
 	// closes watching.
 	next bool
+	// upgrade is the protocol the request asks to switch to (WebSocket),
+	// or "". The stream then becomes a byte pipe on a 101 answer.
+	upgrade string
 
 	mu       sync.Mutex
 	bc       *backendConn // guarded by mu; nil once finished
@@ -179,7 +241,11 @@ func (x *exchange) run() (keep bool) {
 	sentBody := make(chan error, 1)
 	if !hasBody {
 		sentBody <- nil
-		x.startWatch(nil, nil)
+		if x.upgrade == "" {
+			// An upgrade has no watcher: after a 101 the stream is read by
+			// the byte pipe, which sees the server's close itself.
+			x.startWatch(nil, nil)
+		}
 	}
 	var resp *http.Response
 	var bc *backendConn
@@ -218,6 +284,10 @@ func (x *exchange) run() (keep bool) {
 		}
 		return x.fail(destinationError(x.c.cfg.ID, x.req.URL.Host, err), hasBody)
 	}
+	if resp.StatusCode == http.StatusSwitchingProtocols {
+		x.switchProtocols(resp, bc)
+		return false
+	}
 	keep = x.respond(resp)
 	if keep {
 		select {
@@ -233,6 +303,22 @@ func (x *exchange) run() (keep bool) {
 		bc.Close()
 	}
 	return keep
+}
+
+// switchProtocols relays a 101 answer and joins the stream to the
+// destination's connection: a WebSocket (or other upgraded protocol) runs
+// end to end until either side closes.
+func (x *exchange) switchProtocols(resp *http.Response, bc *backendConn) {
+	if x.req.Header.Get("Upgrade") == "" || !x.finish() {
+		bc.Close() // not asked for, or the app is gone
+		return
+	}
+	writeHead(x.bw, resp, x.req.Method)
+	if err := x.bw.Flush(); err != nil {
+		bc.Close()
+		return
+	}
+	tunnel.Join(tunnel.End{Conn: x.st, Reader: x.br}, tunnel.End{Conn: bc.Conn, Reader: bc.br}, 0)
 }
 
 // startWatch runs watch in a goroutine that wait waits for.
@@ -413,7 +499,12 @@ func readResponse(br *bufio.Reader, req *http.Request) (*http.Response, error) {
 // framing chosen here: the length when known, else chunked (which carries
 // trailers). It reports whether the body goes chunked.
 func writeHead(w *bufio.Writer, resp *http.Response, method string) (chunked bool) {
+	upgrade := resp.Header.Get("Upgrade")
 	removeHopHeaders(resp.Header)
+	if resp.StatusCode == http.StatusSwitchingProtocols {
+		resp.Header.Set("Connection", "Upgrade")
+		resp.Header.Set("Upgrade", upgrade)
+	}
 	resp.Header.Del("Content-Length")
 	status := resp.Status
 	if status == "" {
@@ -423,7 +514,7 @@ func writeHead(w *bufio.Writer, resp *http.Response, method string) (chunked boo
 	w.WriteString(status)
 	w.WriteString("\r\n")
 	resp.Header.Write(w)
-	noBody := method == http.MethodHead || resp.StatusCode == http.StatusNoContent || resp.StatusCode == http.StatusNotModified
+	noBody := method == http.MethodHead || resp.StatusCode == http.StatusNoContent || resp.StatusCode == http.StatusNotModified || resp.StatusCode == http.StatusSwitchingProtocols
 	switch {
 	case resp.ContentLength >= 0 && resp.StatusCode != http.StatusNoContent:
 		w.WriteString("Content-Length: ")

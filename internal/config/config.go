@@ -31,8 +31,17 @@ type Server struct {
 	LogFormat   string       `yaml:"logformat"`   // "text" or "json"
 	// MaxHeaderBytes bounds an app request's header; beyond it the answer is 431.
 	MaxHeaderBytes int `yaml:"maxheaderbytes"`
+	// Routes send requests that name no client to a pool by destination host.
+	Routes []Route `yaml:"routes"`
 
 	src source // where the values came from, for error lines
+}
+
+// Route sends requests for matching destinations to one client pool, for
+// apps that name no client. The first route that matches wins.
+type Route struct {
+	Host   string `yaml:"host"`   // unanchored regex on the destination's host[:port] as written
+	Client string `yaml:"client"` // the pool id
 }
 
 // Client is the configuration of `wsp client`.

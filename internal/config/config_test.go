@@ -229,7 +229,7 @@ func TestDecodeErrors(t *testing.T) {
 		{"host mapping", false, "host: {a: b}\n", `config: server.yaml: line 1: host: want a string, got a mapping`},
 		{"targets scalar", true, "targets: ws://a/register\n", `config: client.yaml: line 1: targets: want a list of strings, got "ws://a/register"`},
 		{"target mapping", true, "targets:\n  - {a: b}\n", `config: client.yaml: line 2: targets[0]: want a string, got a mapping`},
-		{"whitelist mapping", false, "whitelist: {url: a}\n", `config: server.yaml: line 1: whitelist: want a list of rules, got a mapping`},
+		{"whitelist mapping", false, "whitelist: {url: a}\n", `config: server.yaml: line 1: whitelist: want a list, each element a rule ({method: REGEX, url: REGEX, headers: {NAME: REGEX}}), got a mapping`},
 		{"rule scalar", false, "blacklist:\n  - ^GET$\n", `config: server.yaml: line 2: blacklist[0]: want a rule ({method: REGEX, url: REGEX, headers: {NAME: REGEX}}), got "^GET$"`},
 		{"rule null", false, "blacklist:\n  -\n", `config: server.yaml: line 2: blacklist[0]: want a rule`},
 		{"headers list", false, "whitelist:\n  - headers: [a]\n", `config: server.yaml: line 2: whitelist[0].headers: want a mapping of header names to regular expressions, got a list`},
@@ -588,4 +588,28 @@ func TestAliasExpansionBounded(t *testing.T) {
 		t.Errorf("error = %v, want the expansion bound", err)
 	}
 	asError(t, err)
+}
+
+func TestRoutes(t *testing.T) {
+	cfg, err := decodeServer([]byte("routes:\n  - host: '^db\\.internal'\n    client: dc1\n  - {host: '\\.eu\\.', client: eu}\n"), "server.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cfg.Routes) != 2 || cfg.Routes[0] != (Route{Host: `^db\.internal`, Client: "dc1"}) || cfg.Routes[1].Client != "eu" {
+		t.Fatalf("routes %+v", cfg.Routes)
+	}
+	for _, tc := range []struct{ yaml, want string }{
+		{"routes:\n  - host: '('\n    client: dc1\n", "routes[0].host: invalid regular expression"},
+		{"routes:\n  - host: x\n    client: 'bad id'\n", "routes[0].client: invalid client id"},
+		{"routes:\n  - client: dc1\n", "routes[0].host: missing"},
+		{"routes:\n  - host: x\n    clinet: dc1\n", `unknown key "clinet"`},
+	} {
+		cfg, err := decodeServer([]byte(tc.yaml), "server.yaml")
+		if err == nil {
+			err = cfg.Validate()
+		}
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: got %v, want %q", tc.yaml, err, tc.want)
+		}
+	}
 }

@@ -275,6 +275,7 @@ func (d *decoder) fields(n *yaml.Node, prefix string, v reflect.Value) error {
 var (
 	durationType = reflect.TypeFor[Duration]()
 	specsType    = reflect.TypeFor[[]rules.Spec]()
+	routesType   = reflect.TypeFor[[]Route]()
 	stringsType  = reflect.TypeFor[[]string]()
 	headersType  = reflect.TypeFor[map[string]string]()
 )
@@ -301,7 +302,9 @@ func (d *decoder) value(n *yaml.Node, key string, v reflect.Value) error {
 		}
 		return nil
 	case specsType:
-		return d.specs(n, key, v)
+		return d.structs(n, key, v, "a rule ({method: REGEX, url: REGEX, headers: {NAME: REGEX}})")
+	case routesType:
+		return d.structs(n, key, v, "a route ({host: REGEX, client: ID})")
 	case stringsType:
 		if n.Kind != yaml.SequenceNode {
 			return d.errorf(n, key, "want a list of strings, got %s", kindName(n))
@@ -375,11 +378,14 @@ func (d *decoder) scalar(n *yaml.Node, key string) (string, error) {
 	return n.Value, nil
 }
 
-func (d *decoder) specs(n *yaml.Node, key string, v reflect.Value) error {
+// structs decodes a list of mappings into v, a slice of structs whose
+// fields are keys like the top level's; what describes one element for
+// errors.
+func (d *decoder) structs(n *yaml.Node, key string, v reflect.Value, what string) error {
 	if n.Kind != yaml.SequenceNode {
-		return d.errorf(n, key, "want a list of rules, got %s", kindName(n))
+		return d.errorf(n, key, "want a list, each element %s, got %s", what, kindName(n))
 	}
-	specs := make([]rules.Spec, len(n.Content))
+	list := reflect.MakeSlice(v.Type(), len(n.Content), len(n.Content))
 	for i, elem := range n.Content {
 		k := fmt.Sprintf("%s[%d]", key, i)
 		d.lines[k] = elem.Line
@@ -388,13 +394,13 @@ func (d *decoder) specs(n *yaml.Node, key string, v reflect.Value) error {
 			return err
 		}
 		if r.Kind != yaml.MappingNode {
-			return d.errorf(elem, k, "want a rule ({method: REGEX, url: REGEX, headers: {NAME: REGEX}}), got %s", kindName(r))
+			return d.errorf(elem, k, "want %s, got %s", what, kindName(r))
 		}
-		if err := d.fields(r, k, reflect.ValueOf(&specs[i]).Elem()); err != nil {
+		if err := d.fields(r, k, list.Index(i)); err != nil {
 			return err
 		}
 	}
-	v.Set(reflect.ValueOf(specs))
+	v.Set(list)
 	return nil
 }
 

@@ -33,6 +33,17 @@ func (c *Server) Validate() error {
 		p.add("maxheaderbytes", "must be positive, got %d", c.MaxHeaderBytes)
 	}
 	p.rules(c.Whitelist, c.Blacklist)
+	for i, r := range c.Routes {
+		key := fmt.Sprintf("routes[%d]", i)
+		if r.Host == "" {
+			p.add(key+".host", "missing: a regular expression matching destination hosts")
+		} else if _, err := regexp.Compile(r.Host); err != nil {
+			p.add(key+".host", "invalid regular expression %q: %v", r.Host, err)
+		}
+		if !clientID.MatchString(r.Client) {
+			p.add(key+".client", "invalid client id %q: want 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit", r.Client)
+		}
+	}
 	return p.err()
 }
 

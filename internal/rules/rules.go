@@ -18,12 +18,12 @@ import (
 // matches anything, so the empty Spec matches every request.
 type Spec struct {
 	// Method is matched against the request method, e.g. "^(GET|HEAD)$".
-	Method string `yaml:"method"`
+	Method string `yaml:"method" json:"method,omitempty"`
 	// URL is matched against the destination URL, or "host:port" for CONNECT.
-	URL string `yaml:"url"`
+	URL string `yaml:"url" json:"url,omitempty"`
 	// Headers maps a header name to an expression matched against that
 	// header's first value; an absent header is matched as "".
-	Headers map[string]string `yaml:"headers"`
+	Headers map[string]string `yaml:"headers" json:"headers,omitempty"`
 }
 
 // Rule is a compiled Spec. The zero Rule matches every request.

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"wsp/internal/httperr"
+	"wsp/internal/rules"
 	"wsp/internal/tunnel"
 )
 
@@ -33,6 +34,11 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 		s.refuse(w, remote, hello.ClientID, e)
 		return
 	}
+	clientRules, err := rules.NewSet(hello.Rules.Whitelist, hello.Rules.Blacklist)
+	if err != nil { // ParseHello compiled them already
+		s.refuse(w, remote, hello.ClientID, httperr.Wrap(err, http.StatusBadRequest, httperr.BadRequest, "invalid rules"))
+		return
+	}
 
 	id := fmt.Sprintf("%016x", rand.Uint64())
 	ws, err := s.upgrader.Upgrade(w, r, http.Header{tunnel.HeaderSession: {id}})
@@ -53,6 +59,7 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 		version:    hello.Version,
 		since:      time.Now(),
 		maxStreams: int64(hello.MaxStreams),
+		rules:      clientRules,
 	}
 	s.sessions.Add(1)
 	defer s.sessions.Done()

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"wsp/internal/httperr"
+	"wsp/internal/rules"
 	"wsp/internal/tunnel"
 )
 
@@ -22,6 +23,7 @@ type session struct {
 	version    string
 	since      time.Time
 	maxStreams int64
+	rules      *rules.Set // what the client said it accepts
 
 	inflight atomic.Int64 // exchanges in progress; at most maxStreams
 	requests atomic.Int64 // exchanges ever started
@@ -117,28 +119,48 @@ func (r *registry) sessions() []*session {
 	return r.all
 }
 
-// pick reserves a stream slot on a session able to serve a request for
-// clientID ("" = any client), skipping the sessions in tried. It waits up to
-// timeout for one to connect or free up, then fails with 503 (nobody
-// connected) or 504 (everybody busy).
-func (r *registry) pick(ctx context.Context, clientID string, tried []*session, timeout time.Duration) (*session, error) {
+// wanted says which sessions may serve a request.
+type wanted struct {
+	clientID string // the pool the app or a route named; "" = any client
+	// accepts reports whether a session's advertised rules let it serve
+	// the request; nil accepts all. Consulted for any-client requests only:
+	// a named pool's client is asked, and refuses itself if it must.
+	accepts func(*session) bool
+	dest    string // the destination, for errors
+}
+
+// pick reserves a stream slot on a session able to serve w, skipping the
+// sessions in tried. It waits up to timeout for one to connect or free up,
+// then fails with 503 (nobody connected), 504 (everybody busy) or 403
+// (everybody connected refuses the destination).
+func (r *registry) pick(ctx context.Context, w wanted, tried []*session, timeout time.Duration) (*session, error) {
 	var timer *time.Timer
+	accepts := w.accepts
+	if w.clientID != "" {
+		accepts = nil
+	}
 	for {
 		// Count as a waiter before looking, so a slot freed between the
 		// look and the wait still wakes us.
 		r.waiters.Add(1)
 		r.mu.RLock()
 		candidates := r.all
-		if clientID != "" {
-			candidates = r.pools[clientID]
+		if w.clientID != "" {
+			candidates = r.pools[w.clientID]
 		}
 		changed := r.changed
 		r.mu.RUnlock()
 
-		s, busy := choose(candidates, clientID == "", tried)
+		s, busy, refused := choose(candidates, w.clientID == "", tried, accepts)
 		if s != nil {
 			r.waiters.Add(-1)
 			return s, nil
+		}
+		if refused > 0 && busy == 0 {
+			// Waiting would not help: the connected clients said in their
+			// hello that they refuse this destination.
+			r.waiters.Add(-1)
+			return nil, httperr.New(http.StatusForbidden, httperr.ClientRefused, "refused by the rules of every connected client (%d sessions): %s", refused, w.dest)
 		}
 		if timer == nil {
 			timer = time.NewTimer(timeout)
@@ -152,7 +174,7 @@ func (r *registry) pick(ctx context.Context, clientID string, tried []*session, 
 			return nil, ctx.Err()
 		case <-timer.C:
 			r.waiters.Add(-1)
-			return nil, noSession(clientID, busy)
+			return nil, noSession(w.clientID, busy)
 		}
 	}
 }
@@ -162,7 +184,7 @@ func noSession(clientID string, busy int) error {
 	case busy > 0 && clientID != "":
 		return httperr.New(http.StatusGatewayTimeout, httperr.ClientBusy, "timed out waiting for a free stream: all %d sessions of client %q are at their limit", busy, clientID)
 	case busy > 0:
-		return httperr.New(http.StatusGatewayTimeout, httperr.ClientBusy, "timed out waiting for a free stream: all %d client sessions are at their limit", busy)
+		return httperr.New(http.StatusGatewayTimeout, httperr.ClientBusy, "timed out waiting for a free stream: all %d client sessions able to serve it are at their limit", busy)
 	case clientID != "":
 		return httperr.New(http.StatusServiceUnavailable, httperr.NoClient, "no client with id %q is connected", clientID)
 	default:
@@ -170,11 +192,13 @@ func noSession(clientID string, busy int) error {
 	}
 }
 
-// choose reserves a slot on the least loaded usable session. With sample
-// set (requests that name no client, over possibly thousands of sessions) it
-// compares two random sessions instead of scanning them all, and scans only
-// when both are unusable. busy counts sessions that were full.
-func choose(list []*session, sample bool, tried []*session) (s *session, busy int) {
+// choose reserves a slot on the least loaded usable session that accepts
+// the request (accepts nil: all do). With sample set (requests that name no
+// client, over possibly thousands of sessions) it compares two random
+// sessions instead of scanning them all, and scans only when both are
+// unusable. busy counts sessions that were full, refused those whose rules
+// refuse the request.
+func choose(list []*session, sample bool, tried []*session, accepts func(*session) bool) (s *session, busy, refused int) {
 	usable := func(c *session) bool {
 		for _, t := range tried {
 			if t == c {
@@ -183,22 +207,27 @@ func choose(list []*session, sample bool, tried []*session) (s *session, busy in
 		}
 		return !c.gone.Load()
 	}
+	ok := func(c *session) bool { return accepts == nil || accepts(c) }
 	if sample && len(list) > 2 {
 		a, b := list[rand.IntN(len(list))], list[rand.IntN(len(list))]
 		if b.inflight.Load() < a.inflight.Load() {
 			a, b = b, a
 		}
 		for _, c := range [...]*session{a, b} {
-			if usable(c) && c.acquire() {
-				return c, 0
+			if usable(c) && ok(c) && c.acquire() {
+				return c, 0, 0
 			}
 		}
 	}
 	for {
 		var best *session
-		busy = 0
+		busy, refused = 0, 0
 		for _, c := range list {
 			if !usable(c) {
+				continue
+			}
+			if !ok(c) {
+				refused++
 				continue
 			}
 			n := c.inflight.Load()
@@ -211,10 +240,10 @@ func choose(list []*session, sample bool, tried []*session) (s *session, busy in
 			}
 		}
 		if best == nil {
-			return nil, busy
+			return nil, busy, refused
 		}
 		if best.acquire() {
-			return best, 0
+			return best, 0, 0
 		}
 		// Lost a race for its last slot: look again.
 	}

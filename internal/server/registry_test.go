@@ -66,7 +66,7 @@ func TestChoose(t *testing.T) {
 				for _, i := range tc.tried {
 					tried = append(tried, list[i])
 				}
-				s, busy := choose(list, tc.sample, tried)
+				s, busy, _ := choose(list, tc.sample, tried, nil)
 				if tc.want < 0 {
 					if s != nil || busy != tc.wantBusy {
 						t.Fatalf("got session %v busy %d, want none, busy %d", s, busy, tc.wantBusy)
@@ -92,12 +92,12 @@ func TestPickLeastLoadedInPool(t *testing.T) {
 	a, b, c := fakeSession("p", 8, 3), fakeSession("p", 8, 1), fakeSession("p", 8, 2)
 	other := fakeSession("q", 8, 0)
 	r := registryWith(a, b, c, other)
-	got, err := r.pick(context.Background(), "p", nil, time.Second)
+	got, err := r.pick(context.Background(), wanted{clientID: "p"}, nil, time.Second)
 	if err != nil || got != b {
 		t.Fatalf("pick = %v, %v; want the least loaded session of pool p", got, err)
 	}
 	// b and c now both have 2: either is fine, a and other are not.
-	got, err = r.pick(context.Background(), "p", []*session{b}, time.Second)
+	got, err = r.pick(context.Background(), wanted{clientID: "p"}, []*session{b}, time.Second)
 	if err != nil || got != c {
 		t.Fatalf("pick skipping b = %v, %v; want c", got, err)
 	}
@@ -111,7 +111,7 @@ func TestPickAnySamplesAll(t *testing.T) {
 	r := registryWith(list...)
 	hits := map[*session]int{}
 	for range 500 {
-		s, err := r.pick(context.Background(), "", nil, time.Second)
+		s, err := r.pick(context.Background(), wanted{clientID: ""}, nil, time.Second)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -136,7 +136,7 @@ func pickAsync(r *registry, ctx context.Context, clientID string, timeout time.D
 	}
 	done := make(chan result, 1)
 	go func() {
-		s, err := r.pick(ctx, clientID, nil, timeout)
+		s, err := r.pick(ctx, wanted{clientID: clientID}, nil, timeout)
 		done <- result{s, err}
 	}()
 	return func() (*session, error) {
@@ -164,7 +164,7 @@ func TestPickWakesOnAdd(t *testing.T) {
 
 func TestPickIgnoresOtherPools(t *testing.T) {
 	r := registryWith(fakeSession("other", 10, 0))
-	_, err := r.pick(context.Background(), "mine", nil, 20*time.Millisecond)
+	_, err := r.pick(context.Background(), wanted{clientID: "mine"}, nil, 20*time.Millisecond)
 	var e *httperr.Error
 	if !errors.As(err, &e) || e.Status != http.StatusServiceUnavailable || e.Code != httperr.NoClient || !strings.Contains(e.Msg, `"mine"`) {
 		t.Fatalf("err = %v, want 503 no_client naming the client", err)
@@ -206,7 +206,7 @@ func TestPickTimeout(t *testing.T) {
 				tc.sessions[0].gone.Store(true)
 			}
 			start := time.Now()
-			s, err := r.pick(context.Background(), tc.clientID, nil, 30*time.Millisecond)
+			s, err := r.pick(context.Background(), wanted{clientID: tc.clientID}, nil, 30*time.Millisecond)
 			if s != nil {
 				t.Fatalf("got a session")
 			}
@@ -252,14 +252,14 @@ func TestRemove(t *testing.T) {
 	if len(before) != 2 {
 		t.Errorf("a snapshot taken before remove changed: %v", before)
 	}
-	if s, err := r.pick(context.Background(), "p", nil, time.Second); err != nil || s != b {
+	if s, err := r.pick(context.Background(), wanted{clientID: "p"}, nil, time.Second); err != nil || s != b {
 		t.Errorf("pick = %v, %v; want b", s, err)
 	}
 	r.remove(b)
 	if _, ok := r.pools["p"]; ok {
 		t.Error("empty pool kept")
 	}
-	if s, err := r.pick(context.Background(), "p", nil, 10*time.Millisecond); s != nil || err == nil {
+	if s, err := r.pick(context.Background(), wanted{clientID: "p"}, nil, 10*time.Millisecond); s != nil || err == nil {
 		t.Errorf("pick after all removed = %v, %v", s, err)
 	}
 }
@@ -286,7 +286,7 @@ func TestPickConcurrent(t *testing.T) {
 		}
 		wg.Go(func() {
 			for range 200 {
-				s, err := r.pick(context.Background(), clientID, nil, 10*time.Second)
+				s, err := r.pick(context.Background(), wanted{clientID: clientID}, nil, 10*time.Second)
 				if err != nil {
 					t.Error(err)
 					return

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"encoding/base64"
 	"errors"
 	"log/slog"
 	"net/http"
@@ -27,10 +28,12 @@ const (
 // context from the handler through the ReverseProxy to the transport and
 // back to the access log. Only the request's goroutine touches it.
 type exchange struct {
-	entry     string // "request" or "proxy": how the app reached us
+	entry     string // "request", "proxy" or "connect": how the app reached us
 	dest      *url.URL
-	clientID  string // asked for by the app, then the one that served
+	want      wanted // which sessions may serve it
+	clientID  string // the client that served it
 	sessionID string
+	bytesIn   int64 // from the app, when counted (tunnels)
 	err       *httperr.Error
 }
 
@@ -83,7 +86,7 @@ func (s *Server) newProxy() *httputil.ReverseProxy {
 				}
 			}
 		},
-		Transport:  &transport{reg: s.reg, timeout: s.cfg.Timeout.D()},
+		Transport:  s.transport,
 		ErrorLog:   slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 		BufferPool: copyBuffers,
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
@@ -101,21 +104,76 @@ func (s *Server) newProxy() *httputil.ReverseProxy {
 // relay sends r to dest through a client and streams the answer back.
 func (s *Server) relay(w http.ResponseWriter, r *http.Request, entry string, dest *url.URL) {
 	start := time.Now()
-	x := &exchange{entry: entry, dest: dest, clientID: r.Header.Get(headerClient)}
+	x := &exchange{entry: entry, dest: dest}
 	rec := &recorder{ResponseWriter: w}
 	defer func() { s.logAccess(r, x, rec, start) }()
-
-	if x.clientID != "" && !tunnel.ValidID(x.clientID) {
-		x.err = httperr.New(http.StatusBadRequest, httperr.BadRequest, "%s %q is not a valid client id", headerClient, x.clientID)
-		httperr.Write(rec, x.err)
-		return
-	}
-	if err := s.rules.Check(r.Method, dest.String(), r.Header); err != nil {
-		x.err = httperr.New(http.StatusForbidden, httperr.ServerRefused, "refused by the server's rules: %s %s %s", r.Method, dest.Redacted(), err)
+	if x.err = s.admit(r, x, dest.String(), dest.Host); x.err != nil {
 		httperr.Write(rec, x.err)
 		return
 	}
 	s.proxy.ServeHTTP(rec, r.WithContext(context.WithValue(r.Context(), exchangeKey{}, x)))
+}
+
+// admit checks r against the server's rules (target is what they match:
+// the URL, or host:port for CONNECT) and decides which sessions may serve
+// it: the client the app names, else the first route matching host, else
+// any client whose advertised rules accept it.
+func (s *Server) admit(r *http.Request, x *exchange, target, host string) *httperr.Error {
+	if err := s.rules.Check(r.Method, target, r.Header); err != nil {
+		return httperr.New(http.StatusForbidden, httperr.ServerRefused, "refused by the server's rules: %s %s: %s", r.Method, redact(target), err)
+	}
+	id := r.Header.Get(headerClient)
+	if id == "" && x.entry != "request" {
+		// A proxy setting can carry a client id as its user name:
+		// http://dc1@relay:8080.
+		id = proxyUser(r)
+	}
+	if id != "" && !tunnel.ValidID(id) {
+		return httperr.New(http.StatusBadRequest, httperr.BadRequest, "%q is not a valid client id (from %s or the proxy user name)", id, headerClient)
+	}
+	if id == "" {
+		id = s.route(host)
+	}
+	method, header := r.Method, r.Header
+	x.want = wanted{clientID: id, dest: redact(target), accepts: func(c *session) bool {
+		return c.rules.Check(method, target, header) == nil
+	}}
+	return nil
+}
+
+// route returns the client of the first route whose host pattern matches.
+func (s *Server) route(host string) string {
+	for _, rt := range s.routes {
+		if rt.host.MatchString(host) {
+			return rt.client
+		}
+	}
+	return ""
+}
+
+// proxyUser is the user name of a Basic Proxy-Authorization header.
+func proxyUser(r *http.Request) string {
+	auth := r.Header.Get("Proxy-Authorization")
+	scheme, cred, ok := strings.Cut(auth, " ")
+	if !ok || !strings.EqualFold(scheme, "Basic") {
+		return ""
+	}
+	b, err := base64.StdEncoding.DecodeString(strings.TrimSpace(cred))
+	if err != nil {
+		return ""
+	}
+	user, _, _ := strings.Cut(string(b), ":")
+	return user
+}
+
+// redact drops the user info and query of a URL for messages and logs.
+func redact(target string) string {
+	u, err := url.Parse(target)
+	if err != nil || u.Host == "" {
+		return target
+	}
+	u.User, u.RawQuery, u.Fragment = nil, "", ""
+	return u.String()
 }
 
 func writeError(w http.ResponseWriter, err error) {
@@ -134,6 +192,7 @@ func (s *Server) logAccess(r *http.Request, x *exchange, rec *recorder, start ti
 		"method", r.Method,
 		"host", x.dest.Host,
 		"status", rec.status,
+		"bytes_in", x.bytesIn,
 		"bytes_out", rec.bytes,
 		"duration", time.Since(start).Round(time.Microsecond),
 	}

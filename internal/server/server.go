@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httputil"
+	"regexp"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -28,17 +29,20 @@ const handshakeTimeout = 10 * time.Second
 // Server relays app requests to registered clients. Create it with New and
 // run it with Serve.
 type Server struct {
-	cfg      config.Server
-	log      *slog.Logger
-	rules    *rules.Set
-	tunnel   tunnel.Config
-	reg      *registry
-	proxy    *httputil.ReverseProxy
-	upgrader *websocket.Upgrader
+	cfg       config.Server
+	log       *slog.Logger
+	rules     *rules.Set
+	tunnel    tunnel.Config
+	routes    []route
+	reg       *registry
+	proxy     *httputil.ReverseProxy
+	transport *transport
+	upgrader  *websocket.Upgrader
 
 	draining atomic.Bool   // set when Serve's context ends: /readyz fails, /register refuses
 	closing  chan struct{} // closed when the drain is over: sessions end
 	sessions sync.WaitGroup
+	tunnels  sync.WaitGroup // CONNECT tunnels: hijacked, so http.Server does not wait for them
 }
 
 // New checks cfg and returns a Server ready to Serve.
@@ -64,8 +68,18 @@ func New(cfg config.Server, log *slog.Logger) (*Server, error) {
 		upgrader: tunnel.NewUpgrader(handshakeTimeout),
 		closing:  make(chan struct{}),
 	}
+	for _, r := range cfg.Routes {
+		s.routes = append(s.routes, route{host: regexp.MustCompile(r.Host), client: r.Client}) // Validate compiled it
+	}
+	s.transport = &transport{reg: s.reg, timeout: cfg.Timeout.D()}
 	s.proxy = s.newProxy()
 	return s, nil
+}
+
+// route sends requests for matching hosts to one client pool.
+type route struct {
+	host   *regexp.Regexp
+	client string
 }
 
 // Serve answers on ln until ctx ends, then drains: it stops accepting, lets
@@ -92,15 +106,32 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	s.log.Info("draining", "timeout", s.cfg.Drain.D())
 	dctx, cancel := context.WithTimeout(context.Background(), s.cfg.Drain.D())
 	defer cancel()
-	if err := hs.Shutdown(dctx); err != nil {
-		s.log.Warn("drain timed out; closing in-flight requests", "timeout", s.cfg.Drain.D())
+	err := hs.Shutdown(dctx)
+	if err == nil {
+		err = waitCtx(dctx, &s.tunnels)
+	}
+	if err != nil {
+		s.log.Warn("drain timed out; closing in-flight requests and tunnels", "timeout", s.cfg.Drain.D())
 		hs.Close()
 	}
-	s.closeSessions()
+	s.closeSessions() // ends the tunnels left
+	s.tunnels.Wait()
 	if err := <-errc; !errors.Is(err, http.ErrServerClosed) {
 		return err
 	}
 	return nil
+}
+
+// waitCtx waits for wg until ctx ends.
+func waitCtx(ctx context.Context, wg *sync.WaitGroup) error {
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err() // the waiting goroutine ends with the last tunnel
+	}
 }
 
 func (s *Server) closeSessions() {
@@ -110,6 +141,10 @@ func (s *Server) closeSessions() {
 
 // ServeHTTP routes the server's endpoints.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.Method == http.MethodConnect {
+		s.connect(w, r)
+		return
+	}
 	if r.URL.IsAbs() {
 		s.relay(w, r, "proxy", r.URL)
 		return

@@ -38,23 +38,10 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	fresh := req.Body != nil && req.Body != http.NoBody
 	var tried []*session
 	for {
-		s, err := t.reg.pick(req.Context(), x.clientID, tried, t.timeout)
+		s, st, reused, err := t.open(req.Context(), x, fresh, &tried)
 		if err != nil {
 			return nil, err
 		}
-		x.sessionID, x.clientID = s.id, s.clientID
-		st, reused, err := s.stream(fresh)
-		if err != nil {
-			t.reg.release(s)
-			if tunnel.IsSessionGone(err) {
-				// Nothing was sent: another session may serve it.
-				s.gone.Store(true)
-				tried = append(tried, s)
-				continue
-			}
-			return nil, httperr.Wrap(err, http.StatusBadGateway, httperr.TunnelBroken, "opening a stream to client %q failed", s.clientID)
-		}
-		s.requests.Add(1)
 		resp, err := t.exchange(req, s, st, reused)
 		if errors.Is(err, errClosedIdle) {
 			// The client closed the stream while it was idle (it is
@@ -63,6 +50,32 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 			continue
 		}
 		return resp, err
+	}
+}
+
+// open reserves a slot on a session able to serve x, skipping and adding
+// to tried the sessions found gone, and returns a stream on it: an idle one
+// unless fresh is set. The caller releases the slot.
+func (t *transport) open(ctx context.Context, x *exchange, fresh bool, tried *[]*session) (*session, *yamux.Stream, bool, error) {
+	for {
+		s, err := t.reg.pick(ctx, x.want, *tried, t.timeout)
+		if err != nil {
+			return nil, nil, false, err
+		}
+		x.sessionID, x.clientID = s.id, s.clientID
+		st, reused, err := s.stream(fresh)
+		if err != nil {
+			t.reg.release(s)
+			if tunnel.IsSessionGone(err) {
+				// Nothing was sent: another session may serve it.
+				s.gone.Store(true)
+				*tried = append(*tried, s)
+				continue
+			}
+			return nil, nil, false, httperr.Wrap(err, http.StatusBadGateway, httperr.TunnelBroken, "opening a stream to client %q failed", s.clientID)
+		}
+		s.requests.Add(1)
+		return s, st, reused, nil
 	}
 }
 

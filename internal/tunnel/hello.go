@@ -1,12 +1,17 @@
 package tunnel
 
 import (
+	"bytes"
+	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
 	"regexp"
 	"strconv"
 	"strings"
+
+	"wsp/internal/rules"
 )
 
 // Handshake headers. The client sends them on the upgrade request; the
@@ -16,6 +21,9 @@ const (
 	HeaderSecretKey  = "X-Secret-Key" // as root-gg/wsp
 	HeaderMaxStreams = "X-Wsp-Max-Streams"
 	HeaderVersion    = "X-Wsp-Version"
+	// HeaderRules carries the client's whitelist and blacklist, so the
+	// server can pick a client that accepts a request without asking.
+	HeaderRules = "X-Wsp-Rules"
 	// HeaderSession is set by the server on its 101 answer.
 	HeaderSession = "X-Wsp-Session"
 )
@@ -24,6 +32,9 @@ const (
 const (
 	MaxStreamsLimit = 1 << 16
 	maxVersionLen   = 64
+	// MaxRulesLen bounds the encoded rules header; the server's header
+	// limit (maxheaderbytes) bounds the whole request too.
+	MaxRulesLen = 32 << 10
 )
 
 // ErrBadHello is wrapped by every ParseHello error.
@@ -40,6 +51,13 @@ type Hello struct {
 	SecretKey  string
 	MaxStreams int    // concurrent streams the client serves on this session
 	Version    string // the client's software version, for operators
+	Rules      Rules  // what the client accepts to forward
+}
+
+// Rules is a client's whitelist and blacklist as its config states them.
+type Rules struct {
+	Whitelist []rules.Spec `json:"whitelist,omitempty"`
+	Blacklist []rules.Spec `json:"blacklist,omitempty"`
 }
 
 // Header encodes h for the upgrade request.
@@ -52,6 +70,10 @@ func (h Hello) Header() http.Header {
 	hdr.Set(HeaderMaxStreams, strconv.Itoa(h.MaxStreams))
 	if h.Version != "" {
 		hdr.Set(HeaderVersion, h.Version)
+	}
+	if len(h.Rules.Whitelist)+len(h.Rules.Blacklist) > 0 {
+		b, _ := json.Marshal(h.Rules) // plain strings: cannot fail
+		hdr.Set(HeaderRules, base64.RawURLEncoding.EncodeToString(b))
 	}
 	return hdr
 }
@@ -76,6 +98,23 @@ func ParseHello(hdr http.Header) (Hello, error) {
 	}
 	if len(h.Version) > maxVersionLen || strings.ContainsFunc(h.Version, func(r rune) bool { return r < ' ' || r > '~' }) {
 		return Hello{}, fmt.Errorf("%w: %s: want at most %d printable ASCII characters", ErrBadHello, HeaderVersion, maxVersionLen)
+	}
+	if v := hdr.Get(HeaderRules); v != "" {
+		if len(v) > MaxRulesLen {
+			return Hello{}, fmt.Errorf("%w: %s: longer than %d bytes", ErrBadHello, HeaderRules, MaxRulesLen)
+		}
+		b, err := base64.RawURLEncoding.DecodeString(v)
+		if err != nil {
+			return Hello{}, fmt.Errorf("%w: %s: %v", ErrBadHello, HeaderRules, err)
+		}
+		dec := json.NewDecoder(bytes.NewReader(b))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&h.Rules); err != nil {
+			return Hello{}, fmt.Errorf("%w: %s: %v", ErrBadHello, HeaderRules, err)
+		}
+		if _, err := rules.NewSet(h.Rules.Whitelist, h.Rules.Blacklist); err != nil {
+			return Hello{}, fmt.Errorf("%w: %s: %v", ErrBadHello, HeaderRules, err)
+		}
 	}
 	return h, nil
 }

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"errors"
 	"net/http"
+	"reflect"
 	"strings"
 	"testing"
 )
@@ -17,7 +18,7 @@ func TestHelloRoundTrip(t *testing.T) {
 		{ClientID: "9A.b_c-", MaxStreams: 7, Version: "~!@#$%^&*()"},
 	} {
 		got, err := ParseHello(h.Header())
-		if err != nil || got != h {
+		if err != nil || !reflect.DeepEqual(got, h) {
 			t.Errorf("ParseHello(%+v.Header()) = %+v, %v", h, got, err)
 		}
 
@@ -32,7 +33,7 @@ func TestHelloRoundTrip(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got, err := ParseHello(in.Header); err != nil || got != h {
+		if got, err := ParseHello(in.Header); err != nil || !reflect.DeepEqual(got, h) {
 			t.Errorf("over the wire: %+v, %v; want %+v", got, err, h)
 		}
 	}
@@ -99,7 +100,7 @@ func TestParseHelloBad(t *testing.T) {
 			if !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("err %q does not name %s", err, tc.want)
 			}
-			if h != (Hello{}) {
+			if !reflect.DeepEqual(h, Hello{}) {
 				t.Errorf("got %+v with the error, want the zero Hello", h)
 			}
 		})
@@ -144,7 +145,7 @@ func FuzzParseHello(f *testing.F) {
 			if !errors.Is(err, ErrBadHello) {
 				t.Fatalf("err %v does not wrap ErrBadHello", err)
 			}
-			if h != (Hello{}) {
+			if !reflect.DeepEqual(h, Hello{}) {
 				t.Fatalf("got %+v with an error", h)
 			}
 			return
@@ -162,7 +163,7 @@ func FuzzParseHello(f *testing.F) {
 		if err != nil {
 			t.Fatalf("re-parse of %+v: %v", h, err)
 		}
-		if again != h {
+		if !reflect.DeepEqual(again, h) {
 			t.Fatalf("round trip: %+v, want %+v", again, h)
 		}
 	})

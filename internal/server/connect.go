@@ -1,0 +1,88 @@
+package server
+
+import (
+	"bufio"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"time"
+
+	"wsp/internal/httperr"
+	"wsp/internal/tunnel"
+)
+
+// connect serves CONNECT host:port: a raw TCP tunnel through a client to
+// host:port, for HTTPS, databases, SSH. The client's answer decides: 200
+// and the app's connection becomes a byte pipe to the destination, anything
+// else goes back to the app as is.
+func (s *Server) connect(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	target := r.Host
+	x := &exchange{entry: "connect", dest: &url.URL{Host: target}}
+	rec := &recorder{ResponseWriter: w}
+	defer func() { s.logAccess(r, x, rec, start) }()
+	if host, port, err := net.SplitHostPort(target); err != nil || host == "" || port == "" {
+		x.err = httperr.New(http.StatusBadRequest, httperr.BadDestination, "CONNECT %q: want host:port", target)
+		httperr.Write(rec, x.err)
+		return
+	}
+	if x.err = s.admit(r, x, target, target); x.err != nil {
+		httperr.Write(rec, x.err)
+		return
+	}
+	var tried []*session
+	sess, st, _, err := s.transport.open(r.Context(), x, true, &tried)
+	if err != nil {
+		x.err = httperr.From(err)
+		httperr.Write(rec, x.err)
+		return
+	}
+	defer s.reg.release(sess)
+	defer st.Close()
+
+	req := &http.Request{Method: http.MethodConnect, URL: &url.URL{Host: target}, Host: target, Header: http.Header{}}
+	bw := bufio.NewWriterSize(st, 512)
+	if err := req.Write(bw); err == nil {
+		err = bw.Flush()
+	}
+	if err != nil {
+		x.err = httperr.Wrap(err, http.StatusBadGateway, httperr.TunnelBroken, "the session to client %q broke", sess.clientID)
+		httperr.Write(rec, x.err)
+		return
+	}
+	br := bufio.NewReader(st)
+	resp, err := http.ReadResponse(br, req)
+	if err != nil {
+		x.err = httperr.Wrap(err, http.StatusBadGateway, httperr.TunnelBroken, "the session to client %q broke", sess.clientID)
+		httperr.Write(rec, x.err)
+		return
+	}
+	if resp.StatusCode != http.StatusOK {
+		// The client's refusal or failure, with its wsp error code.
+		for k, v := range resp.Header {
+			rec.Header()[k] = v
+		}
+		rec.WriteHeader(resp.StatusCode)
+		io.Copy(rec, io.LimitReader(resp.Body, 64<<10))
+		resp.Body.Close()
+		return
+	}
+
+	conn, brw, err := http.NewResponseController(rec).Hijack()
+	if err != nil {
+		x.err = httperr.Wrap(err, http.StatusInternalServerError, httperr.BadRequest, "cannot take over the connection")
+		httperr.Write(rec, x.err)
+		return
+	}
+	rec.status = http.StatusOK
+	if _, err := io.WriteString(conn, "HTTP/1.1 200 Connection established\r\n\r\n"); err != nil {
+		conn.Close()
+		return
+	}
+	s.tunnels.Add(1)
+	defer s.tunnels.Done()
+	up, down := tunnel.Join(tunnel.End{Conn: conn, Reader: brw.Reader}, tunnel.End{Conn: st, Reader: br}, s.cfg.IdleTimeout.D())
+	rec.bytes = down
+	x.bytesIn = up
+}
