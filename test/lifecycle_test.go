@@ -3,6 +3,7 @@ package test
 import (
 	"bufio"
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -10,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -144,11 +146,7 @@ func TestDemo(t *testing.T) {
 	if err != nil {
 		t.Skip("curl is not installed (.ci/run installs it)")
 	}
-	bin := filepath.Join(t.TempDir(), "wsp")
-	build := exec.Command("go", "build", "-o", bin, "../cmd/wsp")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
+	bin := wspBinary(t)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	demo := exec.CommandContext(ctx, bin, "demo", "-port", "0")
@@ -181,5 +179,31 @@ func TestDemo(t *testing.T) {
 	if err := demo.Wait(); err != nil {
 		t.Fatalf("demo exit after SIGINT: %v", err)
 	}
-	_ = os.Remove(bin)
+}
+
+var (
+	buildOnce sync.Once
+	builtBin  string
+	buildErr  error
+)
+
+// wspBinary builds cmd/wsp once per test run.
+func wspBinary(t *testing.T) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "wsp-test-bin")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		builtBin = filepath.Join(dir, "wsp")
+		out, err := exec.Command("go", "build", "-o", builtBin, "../cmd/wsp").CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return builtBin
 }
