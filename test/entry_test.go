@@ -319,3 +319,34 @@ func TestMultipleTargets(t *testing.T) {
 		}
 	}
 }
+
+func TestIdleTunnelClosed(t *testing.T) {
+	scfg := serverConfig()
+	scfg.IdleTimeout = config.Duration(300 * time.Millisecond)
+	r := startServer(t, scfg, nil)
+	ccfg := clientConfig(r, "c1")
+	ccfg.KeepAlive = config.Duration(50 * time.Millisecond) // the session itself stays busy
+	startClient(t, ccfg)
+	echo := halfCloseEcho(t)
+	c, err := net.Dial("tcp", r.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", echo, echo)
+	br := bufio.NewReader(c)
+	if resp, err := http.ReadResponse(br, &http.Request{Method: "CONNECT"}); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("CONNECT: %v %v", resp, err)
+	}
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	start := time.Now()
+	if _, err := br.ReadByte(); err != io.EOF {
+		t.Fatalf("idle tunnel: read %v, want EOF when the server closes it", err)
+	}
+	if d := time.Since(start); d < 300*time.Millisecond {
+		t.Fatalf("closed after %v, before idletimeout", d)
+	}
+	if r.sessions() != 1 {
+		t.Fatal("closing the idle tunnel closed the session")
+	}
+}
