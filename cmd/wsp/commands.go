@@ -8,8 +8,11 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
+	"os/signal"
 	"runtime"
 	"runtime/debug"
+	"syscall"
 
 	"wsp/internal/client"
 	"wsp/internal/config"
@@ -42,7 +45,26 @@ func runServer(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	log.Info("listening", "addr", ln.Addr().String(), "version", version)
+	log.Info("listening", "addr", ln.Addr().String(), "tls", cfg.TLS.Enabled(), "version", version)
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	done := make(chan struct{})
+	defer close(done)
+	go func() {
+		for {
+			select {
+			case <-hup:
+				if err := srv.ReloadTLS(); err != nil {
+					log.Error("TLS reload failed; keeping the previous certificate", "cause", err)
+				} else if cfg.TLS.Enabled() {
+					log.Info("TLS certificate reloaded")
+				}
+			case <-done:
+				return
+			}
+		}
+	}()
 	return srv.Serve(ctx, ln)
 }
 
@@ -62,7 +84,7 @@ func runClient(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	log.Info("starting", "id", cfg.ID, "targets", cfg.Targets, "version", version)
+	log.Info("starting", "id", cfg.ID, "targets", len(cfg.Targets), "version", version)
 	return c.Run(ctx)
 }
 

@@ -4,11 +4,15 @@ package client
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"math/rand/v2"
 	"net/http"
+	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -61,6 +65,10 @@ func New(cfg config.Client, log *slog.Logger) (*Client, error) {
 	if err := tc.Validate(); err != nil {
 		return nil, fmt.Errorf("tunnel settings: %w", err)
 	}
+	dialer := tunnel.NewDialer(30 * time.Second)
+	if dialer.TLSClientConfig, err = tlsConfig(cfg.TLS); err != nil {
+		return nil, err
+	}
 	return &Client{
 		cfg:    cfg,
 		log:    log,
@@ -69,8 +77,28 @@ func New(cfg config.Client, log *slog.Logger) (*Client, error) {
 		// Keep as many idle connections per destination as can be busy at
 		// once: fewer, and a burst ends in a storm of fresh dials.
 		backends: newBackendPool(cfg.DialTimeout.D(), cfg.PoolMaxSize*len(cfg.Targets)),
-		dialer:   tunnel.NewDialer(30 * time.Second),
+		dialer:   dialer,
 	}, nil
+}
+
+// tlsConfig is how the client verifies wss:// servers and proves itself.
+func tlsConfig(t config.ClientTLS) (*tls.Config, error) {
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12, InsecureSkipVerify: t.InsecureSkipVerify}
+	if t.CA != "" {
+		pool, err := config.LoadCertPool(t.CA)
+		if err != nil {
+			return nil, fmt.Errorf("tls.ca: %w", err)
+		}
+		cfg.RootCAs = pool
+	}
+	if t.Cert != "" {
+		cert, err := tls.LoadX509KeyPair(t.Cert, t.Key)
+		if err != nil {
+			return nil, fmt.Errorf("tls.cert: %w", err)
+		}
+		cfg.Certificates = []tls.Certificate{cert}
+	}
+	return cfg, nil
 }
 
 // Ready reports whether at least one session is up.
@@ -106,7 +134,11 @@ func (c *Client) runTarget(ctx context.Context, target string) {
 			failures++
 			// One line per distinct cause, not one per retry.
 			if cause := err.Error(); cause != lastCause {
-				c.log.Warn("cannot connect; retrying with back-off", "target", target, "cause", cause)
+				msg := "cannot connect; retrying with back-off"
+				if isCertError(err) {
+					msg = "TLS certificate of the server not accepted; retrying with back-off"
+				}
+				c.log.Warn(msg, "target", redactURL(target), "cause", cause)
 				lastCause = cause
 			}
 			if !sleep(ctx, backoff(failures)) {
@@ -114,20 +146,39 @@ func (c *Client) runTarget(ctx context.Context, target string) {
 			}
 			continue
 		}
-		c.log.Info("connected", "target", target, "session", sid, "attempts", failures+1)
+		c.log.Info("connected", "target", redactURL(target), "session", sid, "attempts", failures+1)
 		failures, lastCause = 0, ""
 		c.ready.Add(1)
 		cause := c.serve(ctx, sess)
 		c.ready.Add(-1)
 		if ctx.Err() != nil {
-			c.log.Info("disconnected", "target", target, "session", sid, "cause", cause)
+			c.log.Info("disconnected", "target", redactURL(target), "session", sid, "cause", cause)
 			return
 		}
-		c.log.Warn("disconnected; reconnecting", "target", target, "session", sid, "cause", cause)
+		c.log.Warn("disconnected; reconnecting", "target", redactURL(target), "session", sid, "cause", cause)
 		if !sleep(ctx, backoff(1)) {
 			return
 		}
 	}
+}
+
+// isCertError reports whether err is the server's certificate failing
+// verification.
+func isCertError(err error) bool {
+	var unknown x509.UnknownAuthorityError
+	var invalid x509.CertificateInvalidError
+	var host x509.HostnameError
+	var verify *tls.CertificateVerificationError
+	return errors.As(err, &unknown) || errors.As(err, &invalid) || errors.As(err, &host) || errors.As(err, &verify)
+}
+
+// redactURL drops user info from a target for logs.
+func redactURL(target string) string {
+	u, err := url.Parse(target)
+	if err != nil {
+		return "(unparsable target)"
+	}
+	return u.Redacted()
 }
 
 // backoff is the wait before attempt n+1 after n failures.
@@ -155,6 +206,7 @@ func (c *Client) dial(ctx context.Context, target string) (*tunnel.Session, stri
 	hello := tunnel.Hello{
 		ClientID:   c.cfg.ID,
 		SecretKey:  c.cfg.SecretKey,
+		Token:      c.cfg.Token,
 		MaxStreams: c.cfg.PoolMaxSize,
 		Version:    Version,
 		Rules:      tunnel.Rules{Whitelist: c.cfg.Whitelist, Blacklist: c.cfg.Blacklist},

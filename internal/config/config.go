@@ -34,6 +34,17 @@ type Server struct {
 	// Routes send requests that name no client to a pool by destination host.
 	Routes []Route `yaml:"routes"`
 
+	TLS     ServerTLS    `yaml:"tls"`     // HTTPS and WSS on the server's port
+	Clients []ClientCred `yaml:"clients"` // per-client credentials
+	Auth    Auth         `yaml:"auth"`    // credentials apps must present; empty = none
+
+	// Limits on what peers and apps control.
+	HandshakeTimeout Duration `yaml:"handshaketimeout"` // a request head (app or client handshake) must arrive within this
+	MaxSessions      int      `yaml:"maxsessions"`      // client sessions in all
+	MaxSessionsPerID int      `yaml:"maxsessionsperid"` // client sessions with one id
+	MaxStreams       int      `yaml:"maxstreams"`       // concurrent requests per session, whatever the client offers
+	MaxBodyBytes     int      `yaml:"maxbodybytes"`     // largest app request body; 0 = no limit
+
 	src source // where the values came from, for error lines
 }
 
@@ -43,6 +54,40 @@ type Route struct {
 	Host   string `yaml:"host"`   // unanchored regex on the destination's host[:port] as written
 	Client string `yaml:"client"` // the pool id
 }
+
+// ServerTLS turns on HTTPS and WSS on the server's one port.
+type ServerTLS struct {
+	Cert     string `yaml:"cert"`     // PEM certificate chain file
+	Key      string `yaml:"key"`      // PEM private key file
+	ClientCA string `yaml:"clientca"` // PEM CA file: clients must present a certificate it signed (mutual TLS)
+}
+
+// Enabled reports whether TLS is configured.
+func (t ServerTLS) Enabled() bool { return t.Cert != "" || t.Key != "" }
+
+// ClientTLS is how a client verifies servers and proves itself to them.
+type ClientTLS struct {
+	CA                 string `yaml:"ca"`                 // PEM CA file to verify wss:// servers with, instead of the system roots
+	Cert               string `yaml:"cert"`               // PEM client certificate, for mutual TLS
+	Key                string `yaml:"key"`                // its PEM private key
+	InsecureSkipVerify bool   `yaml:"insecureskipverify"` // accept any server certificate (testing only)
+}
+
+// ClientCred binds a token to a client id it may register.
+type ClientCred struct {
+	ID    string `yaml:"id"`
+	Token string `yaml:"token"` // literal, env:NAME or file:PATH
+}
+
+// Auth is what apps must present: a bearer token or a user name and
+// password (Basic). Values may be env:NAME or file:PATH.
+type Auth struct {
+	Tokens []string          `yaml:"tokens"`
+	Users  map[string]string `yaml:"users"`
+}
+
+// Enabled reports whether apps must authenticate.
+func (a Auth) Enabled() bool { return len(a.Tokens) > 0 || len(a.Users) > 0 }
 
 // Client is the configuration of `wsp client`.
 type Client struct {
@@ -54,6 +99,8 @@ type Client struct {
 	Blacklist     []rules.Spec `yaml:"blacklist"`     // a relayed request must match none of these
 	AllowAny      bool         `yaml:"allowany"`      // forward anywhere when no whitelist is set
 	SecretKey     string       `yaml:"secretkey"`     // credential sent to the server
+	Token         string       `yaml:"token"`         // per-client credential sent to the server (Authorization: Bearer)
+	TLS           ClientTLS    `yaml:"tls"`           // verifying wss:// servers, client certificates
 	DialTimeout   Duration     `yaml:"dialtimeout"`   // bound on connecting to a destination, > 0
 	HeaderTimeout Duration     `yaml:"headertimeout"` // bound on a destination's response headers; 0 = none
 	KeepAlive     Duration     `yaml:"keepalive"`     // ping interval, > 0
@@ -79,6 +126,11 @@ const (
 	defaultPoolMaxSize    = 100
 	defaultDialTimeout    = 10 * time.Second
 	defaultHeaderTimeout  = 60 * time.Second
+
+	defaultHandshakeTimeout = 10 * time.Second
+	defaultMaxSessions      = 20000
+	defaultMaxSessionsPerID = 1000
+	defaultMaxStreams       = 1000
 )
 
 // DefaultServer returns the server's defaults.
@@ -92,6 +144,11 @@ func DefaultServer() Server {
 		Drain:          Duration(defaultDrain),
 		LogFormat:      defaultLogFormat,
 		MaxHeaderBytes: defaultMaxHeaderBytes,
+
+		HandshakeTimeout: Duration(defaultHandshakeTimeout),
+		MaxSessions:      defaultMaxSessions,
+		MaxSessionsPerID: defaultMaxSessionsPerID,
+		MaxStreams:       defaultMaxStreams,
 	}
 }
 

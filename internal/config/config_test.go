@@ -47,6 +47,8 @@ func TestDefaults(t *testing.T) {
 		Timeout: Duration(time.Second), IdleTimeout: Duration(time.Minute),
 		KeepAlive: Duration(15 * time.Second), Drain: Duration(30 * time.Second),
 		LogFormat: "text", MaxHeaderBytes: 64 << 10,
+		HandshakeTimeout: Duration(10 * time.Second),
+		MaxSessions:      20000, MaxSessionsPerID: 1000, MaxStreams: 1000,
 	}
 	if !reflect.DeepEqual(s, want) {
 		t.Errorf("LoadServer(\"\") = %+v, want %+v", s, want)
@@ -515,7 +517,7 @@ func TestFlagsNames(t *testing.T) {
 	s.Flags(fs)
 	var got []string
 	fs.VisitAll(func(f *flag.Flag) { got = append(got, f.Name) })
-	want := []string{"drain", "host", "idletimeout", "keepalive", "logformat", "maxheaderbytes", "port", "secretkey", "timeout"}
+	want := []string{"drain", "handshaketimeout", "host", "idletimeout", "keepalive", "logformat", "maxbodybytes", "maxheaderbytes", "maxsessions", "maxsessionsperid", "maxstreams", "port", "secretkey", "timeout"}
 	if !slices.Equal(got, want) {
 		t.Errorf("server flags = %v, want %v", got, want)
 	}
@@ -525,7 +527,7 @@ func TestFlagsNames(t *testing.T) {
 	c.Flags(fs)
 	got = nil
 	fs.VisitAll(func(f *flag.Flag) { got = append(got, f.Name) })
-	want = []string{"allowany", "dialtimeout", "drain", "headertimeout", "id", "keepalive", "logformat", "poolidlesize", "poolmaxsize", "secretkey", "targets"}
+	want = []string{"allowany", "dialtimeout", "drain", "headertimeout", "id", "keepalive", "logformat", "poolidlesize", "poolmaxsize", "secretkey", "targets", "token"}
 	if !slices.Equal(got, want) {
 		t.Errorf("client flags = %v, want %v", got, want)
 	}

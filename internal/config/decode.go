@@ -276,6 +276,7 @@ var (
 	durationType = reflect.TypeFor[Duration]()
 	specsType    = reflect.TypeFor[[]rules.Spec]()
 	routesType   = reflect.TypeFor[[]Route]()
+	credsType    = reflect.TypeFor[[]ClientCred]()
 	stringsType  = reflect.TypeFor[[]string]()
 	headersType  = reflect.TypeFor[map[string]string]()
 )
@@ -305,6 +306,8 @@ func (d *decoder) value(n *yaml.Node, key string, v reflect.Value) error {
 		return d.structs(n, key, v, "a rule ({method: REGEX, url: REGEX, headers: {NAME: REGEX}})")
 	case routesType:
 		return d.structs(n, key, v, "a route ({host: REGEX, client: ID})")
+	case credsType:
+		return d.structs(n, key, v, "a client credential ({id: ID, token: TOKEN})")
 	case stringsType:
 		if n.Kind != yaml.SequenceNode {
 			return d.errorf(n, key, "want a list of strings, got %s", kindName(n))
@@ -322,7 +325,10 @@ func (d *decoder) value(n *yaml.Node, key string, v reflect.Value) error {
 		v.Set(reflect.ValueOf(list))
 		return nil
 	case headersType:
-		return d.headers(n, key, v)
+		if strings.HasSuffix(key, "users") {
+			return d.stringMap(n, key, v, "user names to passwords", "user")
+		}
+		return d.stringMap(n, key, v, "header names to regular expressions", "header")
 	}
 	switch v.Kind() {
 	case reflect.String:
@@ -348,6 +354,11 @@ func (d *decoder) value(n *yaml.Node, key string, v reflect.Value) error {
 			return d.errorf(n, key, "invalid integer %q", n.Value)
 		}
 		v.SetInt(i)
+	case reflect.Struct:
+		if n.Kind != yaml.MappingNode {
+			return d.errorf(n, key, "want a mapping, got %s", kindName(n))
+		}
+		return d.fields(n, key, v)
 	case reflect.Bool:
 		var b bool
 		if n.Kind != yaml.ScalarNode || n.Decode(&b) != nil {
@@ -404,24 +415,26 @@ func (d *decoder) structs(n *yaml.Node, key string, v reflect.Value, what string
 	return nil
 }
 
-func (d *decoder) headers(n *yaml.Node, key string, v reflect.Value) error {
+// stringMap decodes a mapping of strings; what and name describe its keys
+// and values for errors.
+func (d *decoder) stringMap(n *yaml.Node, key string, v reflect.Value, what, name string) error {
 	if n.Kind != yaml.MappingNode {
-		return d.errorf(n, key, "want a mapping of header names to regular expressions, got %s", kindName(n))
+		return d.errorf(n, key, "want a mapping of %s, got %s", what, kindName(n))
 	}
 	m := make(map[string]string, len(n.Content)/2)
 	seen := make(map[string]int)
 	for i := 0; i+1 < len(n.Content); i += 2 {
-		name, err := d.scalar(n.Content[i], key)
+		k, err := d.scalar(n.Content[i], key)
 		if err != nil {
 			return err
 		}
-		if first, dup := seen[name]; dup {
-			return d.errorf(n.Content[i], key, "duplicate header %q (first at line %d)", name, first)
+		if first, dup := seen[k]; dup {
+			return d.errorf(n.Content[i], key, "duplicate %s %q (first at line %d)", name, k, first)
 		}
-		seen[name] = n.Content[i].Line
-		k := key + "." + name
-		d.lines[k] = n.Content[i].Line
-		if m[name], err = d.scalar(n.Content[i+1], k); err != nil {
+		seen[k] = n.Content[i].Line
+		path := key + "." + k
+		d.lines[path] = n.Content[i].Line
+		if m[k], err = d.scalar(n.Content[i+1], path); err != nil {
 			return err
 		}
 	}

@@ -18,6 +18,11 @@ func (c *Server) Flags(fs *flag.FlagSet) {
 	fs.Var(&c.Drain, "drain", "how long shutdown waits for in-flight requests (`duration`)")
 	fs.StringVar(&c.LogFormat, "logformat", c.LogFormat, "log `format`: text or json")
 	fs.IntVar(&c.MaxHeaderBytes, "maxheaderbytes", c.MaxHeaderBytes, "largest app request header, in `bytes` (431 beyond)")
+	fs.Var(&c.HandshakeTimeout, "handshaketimeout", "a request head (app or client handshake) must arrive within this (`duration`)")
+	fs.IntVar(&c.MaxSessions, "maxsessions", c.MaxSessions, "most client sessions in all (`n`)")
+	fs.IntVar(&c.MaxSessionsPerID, "maxsessionsperid", c.MaxSessionsPerID, "most client sessions with one id (`n`)")
+	fs.IntVar(&c.MaxStreams, "maxstreams", c.MaxStreams, "most concurrent requests per client session, whatever the client offers (`n`)")
+	fs.IntVar(&c.MaxBodyBytes, "maxbodybytes", c.MaxBodyBytes, "largest app request body in `bytes`, 0 = no limit (413 beyond)")
 }
 
 // Flags defines one flag per scalar key of the client, and -targets, as
@@ -30,6 +35,7 @@ func (c *Client) Flags(fs *flag.FlagSet) {
 	fs.IntVar(&c.PoolMaxSize, "poolmaxsize", c.PoolMaxSize, "max concurrent requests per server session (`n`)")
 	fs.BoolVar(&c.AllowAny, "allowany", c.AllowAny, "forward to any destination when no whitelist is set")
 	fs.Var((*secretValue)(&c.SecretKey), "secretkey", "`secret` presented to the server (visible to local users in the process list: prefer the config file)")
+	fs.Var((*secretValue)(&c.Token), "token", "per-client `token` presented to the server; env:NAME or file:PATH keep it out of the process list")
 	fs.Var(&c.DialTimeout, "dialtimeout", "bound on connecting to a destination (`duration`: milliseconds or e.g. 10s)")
 	fs.Var(&c.HeaderTimeout, "headertimeout", "bound on waiting for a destination's response headers, 0 = none (`duration`)")
 	fs.Var(&c.KeepAlive, "keepalive", "ping interval; a peer silent for two intervals is dead (`duration`)")

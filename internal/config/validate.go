@@ -1,10 +1,13 @@
 package config
 
 import (
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net/netip"
 	"net/url"
+	"os"
 	"regexp"
 	"strings"
 
@@ -12,8 +15,10 @@ import (
 )
 
 // Validate checks every value, compiling the rules to report bad regular
-// expressions. It reports all problems at once; each is an *Error naming the
-// key, with its line when the value is still the one read from the file.
+// expressions and loading the TLS files, and replaces env:NAME and file:PATH
+// secrets by what they name. It reports all problems at once; each is an
+// *Error naming the key, with its line when the value is still the one read
+// from the file.
 func (c *Server) Validate() error {
 	p := problems{src: &c.src, cfg: c}
 	if c.Host != "" && strings.Contains(c.Host, ":") {
@@ -33,6 +38,60 @@ func (c *Server) Validate() error {
 		p.add("maxheaderbytes", "must be positive, got %d", c.MaxHeaderBytes)
 	}
 	p.rules(c.Whitelist, c.Blacklist)
+	p.positive("handshaketimeout", c.HandshakeTimeout)
+	p.atLeast("maxsessions", c.MaxSessions, 1)
+	p.atLeast("maxsessionsperid", c.MaxSessionsPerID, 1)
+	p.atLeast("maxstreams", c.MaxStreams, 1)
+	p.atLeast("maxbodybytes", c.MaxBodyBytes, 0)
+	p.secret("secretkey", &c.SecretKey)
+	for i := range c.Clients {
+		key := fmt.Sprintf("clients[%d]", i)
+		if !clientID.MatchString(c.Clients[i].ID) {
+			p.add(key+".id", "invalid client id %q", c.Clients[i].ID)
+		}
+		if c.Clients[i].Token == "" {
+			p.add(key+".token", "missing")
+		} else {
+			p.secret(key+".token", &c.Clients[i].Token)
+		}
+	}
+	for i := range c.Auth.Tokens {
+		key := fmt.Sprintf("auth.tokens[%d]", i)
+		if c.Auth.Tokens[i] == "" {
+			p.add(key, "empty token")
+		} else {
+			p.secret(key, &c.Auth.Tokens[i])
+		}
+	}
+	for name, pw := range c.Auth.Users {
+		key := "auth.users." + name
+		if name == "" || strings.Contains(name, ":") {
+			p.add(key, "invalid user name %q: want a non-empty name without ':'", name)
+		}
+		if pw == "" {
+			p.add(key, "empty password")
+			continue
+		}
+		p.secret(key, &pw)
+		c.Auth.Users[name] = pw
+	}
+	if t := c.TLS; t.Enabled() || t.ClientCA != "" {
+		switch {
+		case t.Cert == "":
+			p.add("tls.cert", "missing: tls needs cert and key")
+		case t.Key == "":
+			p.add("tls.key", "missing: tls needs cert and key")
+		default:
+			if _, err := tls.LoadX509KeyPair(t.Cert, t.Key); err != nil {
+				p.add("tls.cert", "cannot load the key pair: %v", err)
+			}
+		}
+		if t.ClientCA != "" {
+			if _, err := LoadCertPool(t.ClientCA); err != nil {
+				p.add("tls.clientca", "%v", err)
+			}
+		}
+	}
 	for i, r := range c.Routes {
 		key := fmt.Sprintf("routes[%d]", i)
 		if r.Host == "" {
@@ -77,12 +136,39 @@ func (c *Client) Validate() error {
 			"it can reach, an open door into its network for anyone who can use the server; "+
 			"add a whitelist, or set allowany: true (flag -allowany) to accept that")
 	}
+	p.secret("secretkey", &c.SecretKey)
+	p.secret("token", &c.Token)
+	if t := c.TLS; t.Cert != "" || t.Key != "" {
+		if t.Cert == "" || t.Key == "" {
+			p.add("tls.cert", "tls.cert and tls.key go together")
+		} else if _, err := tls.LoadX509KeyPair(t.Cert, t.Key); err != nil {
+			p.add("tls.cert", "cannot load the key pair: %v", err)
+		}
+	}
+	if c.TLS.CA != "" {
+		if _, err := LoadCertPool(c.TLS.CA); err != nil {
+			p.add("tls.ca", "%v", err)
+		}
+	}
 	p.positive("dialtimeout", c.DialTimeout)
 	p.notNegative("headertimeout", c.HeaderTimeout)
 	p.positive("keepalive", c.KeepAlive)
 	p.notNegative("drain", c.Drain)
 	p.logFormat(c.LogFormat)
 	return p.err()
+}
+
+// LoadCertPool reads a PEM file of CA certificates.
+func LoadCertPool(path string) (*x509.CertPool, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(b) {
+		return nil, fmt.Errorf("%s holds no PEM certificate", path)
+	}
+	return pool, nil
 }
 
 func checkTarget(t string) string {
@@ -118,6 +204,12 @@ func (p *problems) add(key, format string, args ...any) {
 		e.File, e.Line = p.src.file, line
 	}
 	p.errs = append(p.errs, e)
+}
+
+func (p *problems) atLeast(key string, v, least int) {
+	if v < least {
+		p.add(key, "must be at least %d, got %d", least, v)
+	}
 }
 
 func (p *problems) positive(key string, d Duration) {

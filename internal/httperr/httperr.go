@@ -32,6 +32,8 @@ const (
 	Unauthorized       = "unauthorized"        // 401: a credential is missing
 	Forbidden          = "forbidden"           // 403: a credential is wrong
 	Draining           = "draining"            // 503: the server is shutting down
+	SessionLimit       = "session_limit"       // 503: too many client sessions
+	BodyTooLarge       = "body_too_large"      // 413: the request body exceeds maxbodybytes
 )
 
 // RetryAfter is the Retry-After value sent with 503s, in seconds.
@@ -46,6 +48,9 @@ type Error struct {
 	// Close marks a response sent down a tunnel stream as the stream's
 	// last (Connection: close), when the request's body was left unread.
 	Close bool
+	// Challenge, for 401 and 407, names the header that says how to
+	// authenticate (WWW-Authenticate or Proxy-Authenticate).
+	Challenge string
 }
 
 // New returns an Error with a formatted message.
@@ -98,6 +103,9 @@ func (e *Error) setHeaders(h http.Header) {
 	h.Set(Header, e.Code)
 	if e.Status == http.StatusServiceUnavailable {
 		h.Set("Retry-After", strconv.Itoa(RetryAfter))
+	}
+	if e.Challenge != "" {
+		h[e.Challenge] = []string{`Basic realm="wsp"`, `Bearer realm="wsp"`}
 	}
 }
 

@@ -1,7 +1,6 @@
 package server
 
 import (
-	"crypto/subtle"
 	"fmt"
 	"math/rand/v2"
 	"net/http"
@@ -30,7 +29,11 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 		s.refuse(w, remote, "", httperr.Wrap(err, http.StatusBadRequest, httperr.BadRequest, "invalid registration"))
 		return
 	}
-	if e := s.checkSecret(hello.SecretKey); e != nil {
+	if e := s.checkClient(hello); e != nil {
+		s.refuse(w, remote, hello.ClientID, e)
+		return
+	}
+	if e := s.reg.room(hello.ClientID, s.cfg.MaxSessions, s.cfg.MaxSessionsPerID); e != nil {
 		s.refuse(w, remote, hello.ClientID, e)
 		return
 	}
@@ -58,7 +61,7 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 		remote:     remote,
 		version:    hello.Version,
 		since:      time.Now(),
-		maxStreams: int64(hello.MaxStreams),
+		maxStreams: int64(min(hello.MaxStreams, s.cfg.MaxStreams)),
 		rules:      clientRules,
 	}
 	s.sessions.Add(1)
@@ -98,22 +101,6 @@ func (s *Server) watch(sess *session) string {
 			sess.closeIdleStreams(time.Now().Add(-idleStreamTimeout))
 		}
 	}
-}
-
-// checkSecret compares in constant time. 401 when the client sent no key,
-// 403 when it sent a wrong one.
-func (s *Server) checkSecret(got string) *httperr.Error {
-	want := s.cfg.SecretKey
-	if want == "" {
-		return nil
-	}
-	if got == "" {
-		return httperr.New(http.StatusUnauthorized, httperr.Unauthorized, "missing %s", tunnel.HeaderSecretKey)
-	}
-	if subtle.ConstantTimeCompare([]byte(got), []byte(want)) != 1 {
-		return httperr.New(http.StatusForbidden, httperr.Forbidden, "invalid %s", tunnel.HeaderSecretKey)
-	}
-	return nil
 }
 
 // refuse answers a registration that failed before the upgrade and logs it

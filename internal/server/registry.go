@@ -74,6 +74,22 @@ func (r *registry) add(s *session) {
 	r.mu.Unlock()
 }
 
+// room refuses a new session of id when the server already holds max in
+// all or maxPerID with that id. Checked before the upgrade, so a burst may
+// overshoot by the registrations in flight at once.
+func (r *registry) room(id string, max, maxPerID int) *httperr.Error {
+	r.mu.RLock()
+	total, mine := len(r.all), len(r.pools[id])
+	r.mu.RUnlock()
+	switch {
+	case total >= max:
+		return httperr.New(http.StatusServiceUnavailable, httperr.SessionLimit, "the server holds its maximum of %d client sessions (maxsessions)", max)
+	case mine >= maxPerID:
+		return httperr.New(http.StatusServiceUnavailable, httperr.SessionLimit, "the server holds its maximum of %d sessions for client id %q (maxsessionsperid)", maxPerID, id)
+	}
+	return nil
+}
+
 func (r *registry) remove(s *session) {
 	s.gone.Store(true)
 	r.mu.Lock()

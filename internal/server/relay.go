@@ -4,12 +4,14 @@ import (
 	"context"
 	"encoding/base64"
 	"errors"
+	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httputil"
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"wsp/internal/httperr"
@@ -35,7 +37,38 @@ type exchange struct {
 	sessionID string
 	bytesIn   int64 // from the app, when counted (tunnels)
 	err       *httperr.Error
+	// bodyTooLarge: the app's body went past maxbodybytes, so whatever
+	// came back is moot. Set by the goroutine sending the body.
+	bodyTooLarge atomic.Bool
+	bodyLimit    int64
 }
+
+// limitedBody fails a request body at its limit and notes why on x.
+type limitedBody struct {
+	io.ReadCloser
+	left int64
+	x    *exchange
+}
+
+func (b *limitedBody) Read(p []byte) (int, error) {
+	if b.left <= 0 {
+		// One byte more tells a body at the limit from one beyond it.
+		var one [1]byte
+		if n, _ := b.ReadCloser.Read(one[:]); n > 0 {
+			b.x.bodyTooLarge.Store(true)
+			return 0, errBodyTooLarge
+		}
+		return b.ReadCloser.Read(p)
+	}
+	if int64(len(p)) > b.left {
+		p = p[:b.left]
+	}
+	n, err := b.ReadCloser.Read(p)
+	b.left -= int64(n)
+	return n, err
+}
+
+var errBodyTooLarge = errors.New("request body too large")
 
 type exchangeKey struct{}
 
@@ -91,11 +124,13 @@ func (s *Server) newProxy() *httputil.ReverseProxy {
 		BufferPool: copyBuffers,
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
 			x := exchangeOf(r.Context())
-			if r.Context().Err() != nil {
+			switch {
+			case r.Context().Err() != nil:
 				x.err = httperr.Wrap(err, 499, "app_gone", "the app went away")
 				return
+			default:
+				x.err = httperr.From(err)
 			}
-			x.err = httperr.From(err)
 			httperr.Write(w, x.err)
 		},
 	}
@@ -119,13 +154,23 @@ func (s *Server) relay(w http.ResponseWriter, r *http.Request, entry string, des
 // it: the client the app names, else the first route matching host, else
 // any client whose advertised rules accept it.
 func (s *Server) admit(r *http.Request, x *exchange, target, host string) *httperr.Error {
+	if e := s.authenticate(r, x.entry != "request"); e != nil {
+		return e
+	}
+	if max := int64(s.cfg.MaxBodyBytes); max > 0 && r.Body != nil {
+		if r.ContentLength > max {
+			return httperr.New(http.StatusRequestEntityTooLarge, httperr.BodyTooLarge, "request body of %d bytes exceeds the limit of %d (maxbodybytes)", r.ContentLength, max)
+		}
+		x.bodyLimit = max
+		r.Body = &limitedBody{ReadCloser: r.Body, left: max, x: x}
+	}
 	if err := s.rules.Check(r.Method, target, r.Header); err != nil {
 		return httperr.New(http.StatusForbidden, httperr.ServerRefused, "refused by the server's rules: %s %s: %s", r.Method, redact(target), err)
 	}
 	id := r.Header.Get(headerClient)
-	if id == "" && x.entry != "request" {
+	if id == "" && x.entry != "request" && !s.cfg.Auth.Enabled() {
 		// A proxy setting can carry a client id as its user name:
-		// http://dc1@relay:8080.
+		// http://dc1@relay:8080. With auth on, the user name is the app's.
 		id = proxyUser(r)
 	}
 	if id != "" && !tunnel.ValidID(id) {

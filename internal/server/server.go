@@ -4,6 +4,7 @@ package server
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -22,10 +23,6 @@ import (
 	"wsp/internal/tunnel"
 )
 
-// handshakeTimeout bounds reading a request head, on /register as on app
-// requests: a peer trickling its headers (slowloris) is cut off.
-const handshakeTimeout = 10 * time.Second
-
 // Server relays app requests to registered clients. Create it with New and
 // run it with Serve.
 type Server struct {
@@ -43,6 +40,7 @@ type Server struct {
 	closing  chan struct{} // closed when the drain is over: sessions end
 	sessions sync.WaitGroup
 	tunnels  sync.WaitGroup // CONNECT tunnels: hijacked, so http.Server does not wait for them
+	certs    *certStore     // nil without TLS
 }
 
 // New checks cfg and returns a Server ready to Serve.
@@ -65,8 +63,13 @@ func New(cfg config.Server, log *slog.Logger) (*Server, error) {
 		rules:    rs,
 		tunnel:   tc,
 		reg:      newRegistry(),
-		upgrader: tunnel.NewUpgrader(handshakeTimeout),
+		upgrader: tunnel.NewUpgrader(cfg.HandshakeTimeout.D()),
 		closing:  make(chan struct{}),
+	}
+	if cfg.TLS.Enabled() {
+		if s.certs, err = newCertStore(cfg.TLS); err != nil {
+			return nil, err
+		}
 	}
 	for _, r := range cfg.Routes {
 		s.routes = append(s.routes, route{host: regexp.MustCompile(r.Host), client: r.Client}) // Validate compiled it
@@ -86,9 +89,17 @@ type route struct {
 // in-flight requests finish for up to the configured drain time, closes the
 // client sessions and returns. It closes ln.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	if s.certs != nil {
+		ln = tls.NewListener(ln, s.certs.config())
+	}
+	if !s.cfg.Auth.Enabled() && !isLoopback(ln.Addr()) {
+		s.log.Warn("open relay: no auth is configured, so anyone who can reach this address can send requests into the clients' networks; set auth", "addr", ln.Addr().String())
+	}
 	hs := &http.Server{
-		Handler:           s,
-		ReadHeaderTimeout: handshakeTimeout,
+		Handler: s,
+		// A peer trickling its request head (slowloris), on /register as
+		// on app requests, is cut off.
+		ReadHeaderTimeout: s.cfg.HandshakeTimeout.D(),
 		MaxHeaderBytes:    s.cfg.MaxHeaderBytes,
 		IdleTimeout:       2 * time.Minute,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
@@ -120,6 +131,22 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		return err
 	}
 	return nil
+}
+
+// ReloadTLS reads the certificate, key and client CA again (on SIGHUP).
+// Sessions already up are not disturbed. Without TLS it does nothing.
+func (s *Server) ReloadTLS() error {
+	if s.certs == nil {
+		return nil
+	}
+	return s.certs.Reload()
+}
+
+// isLoopback reports whether addr is a loopback address, reachable only
+// from this machine.
+func isLoopback(addr net.Addr) bool {
+	ta, ok := addr.(*net.TCPAddr)
+	return ok && ta.IP.IsLoopback()
 }
 
 // waitCtx waits for wg until ctx ends.

@@ -146,11 +146,21 @@ func (t *transport) exchange(req *http.Request, s *session, st *yamux.Stream, re
 	if err == nil {
 		resp, err = http.ReadResponse(br, req)
 	}
+	if x := exchangeOf(req.Context()); x.bodyTooLarge.Load() {
+		// The client saw a truncated body; its answer, if any, is moot.
+		if err == nil {
+			resp.Body.Close()
+		}
+		err = httperr.New(http.StatusRequestEntityTooLarge, httperr.BodyTooLarge, "request body exceeds the limit of %d bytes (maxbodybytes)", x.bodyLimit)
+	}
 	if err != nil {
 		br.Reset(nil)
 		readerPool.Put(br)
 		if cerr := req.Context().Err(); cerr != nil {
 			return fail(cerr)
+		}
+		if e, ok := errors.AsType[*httperr.Error](err); ok {
+			return fail(e)
 		}
 		if err == io.EOF && reused {
 			return fail(errClosedIdle)

@@ -48,7 +48,8 @@ func ValidID(id string) bool { return idPattern.MatchString(id) }
 // Hello is what a client says about itself when it registers.
 type Hello struct {
 	ClientID   string
-	SecretKey  string
+	SecretKey  string // shared secret, root-gg/wsp style
+	Token      string // per-client credential, sent as Authorization: Bearer
 	MaxStreams int    // concurrent streams the client serves on this session
 	Version    string // the client's software version, for operators
 	Rules      Rules  // what the client accepts to forward
@@ -67,6 +68,9 @@ func (h Hello) Header() http.Header {
 	if h.SecretKey != "" {
 		hdr.Set(HeaderSecretKey, h.SecretKey)
 	}
+	if h.Token != "" {
+		hdr.Set("Authorization", "Bearer "+h.Token)
+	}
 	hdr.Set(HeaderMaxStreams, strconv.Itoa(h.MaxStreams))
 	if h.Version != "" {
 		hdr.Set(HeaderVersion, h.Version)
@@ -84,6 +88,9 @@ func ParseHello(hdr http.Header) (Hello, error) {
 		ClientID:  hdr.Get(HeaderClientID),
 		SecretKey: hdr.Get(HeaderSecretKey),
 		Version:   hdr.Get(HeaderVersion),
+	}
+	if scheme, token, ok := strings.Cut(hdr.Get("Authorization"), " "); ok && strings.EqualFold(scheme, "Bearer") {
+		h.Token = strings.TrimSpace(token)
 	}
 	if !ValidID(h.ClientID) {
 		return Hello{}, fmt.Errorf("%w: %s %q: want 1-128 of A-Z a-z 0-9 . _ -, starting with a letter or digit", ErrBadHello, HeaderClientID, truncate(h.ClientID))
