@@ -11,9 +11,6 @@ import (
 	"wsp/internal/tunnel"
 )
 
-// Realm named in WWW-Authenticate and Proxy-Authenticate challenges.
-const realm = `realm="wsp"`
-
 // equal compares secrets in constant time (for equal lengths; the length
 // itself is not secret enough to matter).
 func equal(a, b string) bool {

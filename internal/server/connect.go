@@ -43,7 +43,8 @@ func (s *Server) connect(w http.ResponseWriter, r *http.Request) {
 
 	req := &http.Request{Method: http.MethodConnect, URL: &url.URL{Host: target}, Host: target, Header: http.Header{}}
 	bw := bufio.NewWriterSize(st, 512)
-	if err := req.Write(bw); err == nil {
+	err = req.Write(bw)
+	if err == nil {
 		err = bw.Flush()
 	}
 	if err != nil {
