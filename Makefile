@@ -15,3 +15,19 @@ fmt:
 
 vet:
 	go vet ./...
+
+# Every native fuzz target for FUZZTIME each (default 20s); crashers land in
+# testdata/fuzz and then run as regression tests with `make test`.
+FUZZTIME ?= 20s
+FUZZ_TARGETS = \
+	./internal/config:FuzzLoadServer ./internal/config:FuzzLoadClient \
+	./internal/tunnel:FuzzParseHello ./internal/rules:FuzzRules \
+	./internal/server:FuzzDestination ./internal/server:FuzzCredentials \
+	./internal/httperr:FuzzWriteResponse
+.PHONY: fuzz
+fuzz:
+	@for t in $(FUZZ_TARGETS); do \
+		pkg=$${t%%:*}; name=$${t##*:}; \
+		echo "fuzz $$name ($$pkg) for $(FUZZTIME)"; \
+		go test -run '^$$' -fuzz "^$$name$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 5s $$pkg || exit 1; \
+	done

@@ -234,3 +234,56 @@ func TestStreamsReusedThenClosedWhenIdle(t *testing.T) {
 	}
 	waitFor(t, "the client to see the stream closed", func() bool { return s.NumStreams() == 0 })
 }
+
+// publicListener reports a non-loopback address, as a server listening
+// beyond loopback would.
+type publicListener struct{ net.Listener }
+
+func (publicListener) Addr() net.Addr { return &net.TCPAddr{IP: net.ParseIP("203.0.113.1"), Port: 8080} }
+
+func TestOpenRelayWarning(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		public bool
+		auth   bool
+		warned bool
+	}{
+		{"loopback", false, false, false},
+		{"public without auth", true, false, true},
+		{"public with auth", true, true, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var logs strings.Builder
+			var mu sync.Mutex
+			cfg := config.DefaultServer()
+			if tc.auth {
+				cfg.Auth.Tokens = []string{"t"}
+			}
+			s, err := New(cfg, slog.New(slog.NewTextHandler(writerFunc(func(p []byte) (int, error) {
+				mu.Lock()
+				defer mu.Unlock()
+				return logs.Write(p)
+			}), nil)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			ln, _ := net.Listen("tcp", "127.0.0.1:0")
+			var l net.Listener = ln
+			if tc.public {
+				l = publicListener{ln}
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			cancel() // Serve logs the warning first, then drains at once
+			s.Serve(ctx, l)
+			mu.Lock()
+			defer mu.Unlock()
+			if got := strings.Contains(logs.String(), "open relay"); got != tc.warned {
+				t.Fatalf("warned=%v, want %v:\n%s", got, tc.warned, logs.String())
+			}
+		})
+	}
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
