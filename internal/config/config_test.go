@@ -615,3 +615,36 @@ func TestRoutes(t *testing.T) {
 		}
 	}
 }
+
+func TestSecretsFromEnvAndFiles(t *testing.T) {
+	t.Setenv("WSP_TEST_TOKEN", "from-env")
+	file := filepath.Join(t.TempDir(), "secret")
+	os.WriteFile(file, []byte("from-file\n"), 0o600)
+	cfg, err := decodeServer([]byte(fmt.Sprintf("secretkey: file:%s\nclients:\n  - {id: dc1, token: env:WSP_TEST_TOKEN}\nauth:\n  tokens: [literal]\n  users: {bob: 'env:WSP_TEST_TOKEN'}\n", file)), "server.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if cfg.SecretKey != "from-file" || cfg.Clients[0].Token != "from-env" || cfg.Auth.Tokens[0] != "literal" || cfg.Auth.Users["bob"] != "from-env" {
+		t.Fatalf("secrets not resolved: %q %q %q %q", cfg.SecretKey, cfg.Clients[0].Token, cfg.Auth.Tokens[0], cfg.Auth.Users["bob"])
+	}
+	for _, tc := range []struct{ yaml, want string }{
+		{"secretkey: env:WSP_TEST_UNSET\n", "secretkey: environment variable WSP_TEST_UNSET is not set"},
+		{"secretkey: file:/nonexistent/wsp\n", "secretkey: reading /nonexistent/wsp"},
+		{"clients:\n  - {id: dc1}\n", "clients[0].token: missing"},
+		{"auth:\n  users: {'a:b': pw}\n", "invalid user name"},
+		{"tls:\n  cert: x.pem\n", "tls.key: missing"},
+		{"tls:\n  cert: /nonexistent.pem\n  key: /nonexistent-key.pem\n", "tls.cert: cannot load the key pair"},
+		{"maxsessions: 0\n", "maxsessions: must be at least 1"},
+	} {
+		cfg, err := decodeServer([]byte(tc.yaml), "server.yaml")
+		if err == nil {
+			err = cfg.Validate()
+		}
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: got %v, want %q", tc.yaml, err, tc.want)
+		}
+	}
+}
