@@ -8,12 +8,14 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"runtime"
 	"runtime/debug"
 	"syscall"
 
+	"wsp/internal/admin"
 	"wsp/internal/client"
 	"wsp/internal/config"
 	"wsp/internal/forward"
@@ -37,6 +39,7 @@ func runServer(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	log := newLogger(cfg.LogFormat, stderr)
+	server.Version = version
 	srv, err := server.New(cfg, log)
 	if err != nil {
 		return err
@@ -46,6 +49,12 @@ func runServer(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	log.Info("listening", "addr", ln.Addr().String(), "tls", cfg.TLS.Enabled(), "version", version)
+	stopAdmin, err := startAdmin(ctx, cfg.Admin, srv.AdminHandler(), log)
+	if err != nil {
+		ln.Close()
+		return err
+	}
+	defer stopAdmin()
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
@@ -85,7 +94,33 @@ func runClient(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	log.Info("starting", "id", cfg.ID, "targets", len(cfg.Targets), "version", version)
+	stopAdmin, err := startAdmin(ctx, cfg.Admin, c.AdminHandler(), log)
+	if err != nil {
+		return err
+	}
+	defer stopAdmin()
 	return c.Run(ctx)
+}
+
+// startAdmin serves h on addr (unless "") until ctx ends; stop waits for it.
+func startAdmin(ctx context.Context, addr string, h http.Handler, log *slog.Logger) (stop func(), err error) {
+	if addr == "" {
+		return func() {}, nil
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("admin listener: %w", err)
+	}
+	log.Info("admin listening", "addr", "http://"+ln.Addr().String())
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := admin.Serve(ctx, ln, h); err != nil {
+			log.Error("admin listener failed", "cause", err)
+		}
+	}()
+	return func() { cancel(); <-done }, nil
 }
 
 func runVersion(args []string, stdout, stderr io.Writer) error {

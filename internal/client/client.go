@@ -22,6 +22,7 @@ import (
 
 	"wsp/internal/config"
 	"wsp/internal/httperr"
+	"wsp/internal/metrics"
 	"wsp/internal/rules"
 	"wsp/internal/tunnel"
 )
@@ -48,7 +49,11 @@ type Client struct {
 	backends *backendPool
 	dialer   *websocket.Dialer
 
-	ready atomic.Int32 // sessions up
+	ready   atomic.Int32 // sessions up
+	metrics *metrics.Client
+
+	mu      sync.Mutex
+	targets map[string]targetState // guarded by mu: each target's state, for /api/stats
 }
 
 // New checks cfg and returns a Client ready to Run.
@@ -78,6 +83,8 @@ func New(cfg config.Client, log *slog.Logger) (*Client, error) {
 		// once: fewer, and a burst ends in a storm of fresh dials.
 		backends: newBackendPool(cfg.DialTimeout.D(), cfg.PoolMaxSize*len(cfg.Targets)),
 		dialer:   dialer,
+		metrics:  metrics.NewClient(),
+		targets:  map[string]targetState{},
 	}, nil
 }
 
@@ -125,12 +132,16 @@ func (c *Client) Run(ctx context.Context) error {
 func (c *Client) runTarget(ctx context.Context, target string) {
 	failures := 0
 	lastCause := ""
-	for {
+	for attempt := 0; ; attempt++ {
 		sess, sid, err := c.dial(ctx, target)
+		if attempt > 0 && ctx.Err() == nil {
+			c.metrics.Reconnect(err == nil)
+		}
 		if err != nil {
 			if ctx.Err() != nil {
 				return
 			}
+			c.setTarget(target, targetState{Target: redactURL(target), LastError: err.Error()})
 			failures++
 			// One line per distinct cause, not one per retry.
 			if cause := err.Error(); cause != lastCause {
@@ -149,7 +160,11 @@ func (c *Client) runTarget(ctx context.Context, target string) {
 		c.log.Info("connected", "target", redactURL(target), "session", sid, "attempts", failures+1)
 		failures, lastCause = 0, ""
 		c.ready.Add(1)
+		c.metrics.Session(1)
+		c.setTarget(target, targetState{Target: redactURL(target), Connected: true, Session: sid, Since: time.Now()})
 		cause := c.serve(ctx, sess)
+		c.setTarget(target, targetState{Target: redactURL(target), LastError: cause})
+		c.metrics.Session(-1)
 		c.ready.Add(-1)
 		if ctx.Err() != nil {
 			c.log.Info("disconnected", "target", redactURL(target), "session", sid, "cause", cause)

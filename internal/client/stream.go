@@ -62,6 +62,7 @@ func (c *Client) handle(st net.Conn, streams *streamSet) {
 		if !streams.begin(st) {
 			return // draining: the server sends this request elsewhere
 		}
+		c.metrics.InFlight(1)
 		st.SetReadDeadline(time.Now().Add(headTimeout))
 		req, err := http.ReadRequest(br)
 		st.SetReadDeadline(time.Time{})
@@ -74,6 +75,7 @@ func (c *Client) handle(st net.Conn, streams *streamSet) {
 			keep, x = c.serve1(st, br, bw, req)
 		}
 		streams.end(st)
+		c.metrics.InFlight(-1)
 		if x != nil {
 			// The exchange's watcher now waits for the next request.
 			keep = x.wait(keep)
@@ -89,7 +91,15 @@ func (c *Client) handle(st net.Conn, streams *streamSet) {
 // The exchange, when there is one, must then be waited for.
 func (c *Client) serve1(st net.Conn, br *bufio.Reader, bw *bufio.Writer, req *http.Request) (bool, *exchange) {
 	hasBody := req.Body != nil && req.Body != http.NoBody
+	kind := "http"
+	switch {
+	case req.Method == http.MethodConnect:
+		kind = "connect"
+	case upgradeType(req.Header) != "":
+		kind = "upgrade"
+	}
 	if e := c.admit(req); e != nil {
+		c.metrics.Request(kind, e.Status)
 		c.log.Info("request refused", "method", req.Method, "host", req.URL.Host, "status", e.Status, "cause", e.Error())
 		if hasBody {
 			e.Close = true // its body is left unread: the stream cannot go on
@@ -98,17 +108,19 @@ func (c *Client) serve1(st net.Conn, br *bufio.Reader, bw *bufio.Writer, req *ht
 		return !hasBody, nil
 	}
 	if req.Method == http.MethodConnect {
-		c.connect(st, br, bw, req)
+		c.metrics.Request(kind, c.connect(st, br, bw, req))
 		return false, nil
 	}
 	x := &exchange{c: c, st: st, br: br, bw: bw, req: req, upgrade: upgradeType(req.Header)}
-	return x.run(), x
+	keep := x.run()
+	c.metrics.Request(kind, x.status)
+	return keep, x
 }
 
 // connect serves CONNECT host:port: it dials the destination, answers 200
 // and joins the stream to the connection, half-closes included. The stream
 // ends with the tunnel.
-func (c *Client) connect(st net.Conn, br *bufio.Reader, bw *bufio.Writer, req *http.Request) {
+func (c *Client) connect(st net.Conn, br *bufio.Reader, bw *bufio.Writer, req *http.Request) (status int) {
 	target := req.URL.Host
 	ctx, cancel := context.WithTimeout(context.Background(), c.cfg.DialTimeout.D())
 	conn, err := c.backends.dialer.DialContext(ctx, "tcp", target)
@@ -117,14 +129,15 @@ func (c *Client) connect(st net.Conn, br *bufio.Reader, bw *bufio.Writer, req *h
 		e := dialError(c.cfg.ID, target, err)
 		c.log.Info("tunnel failed", "host", target, "status", e.Status, "cause", e.Error())
 		c.answer(bw, e)
-		return
+		return e.Status
 	}
 	bw.WriteString("HTTP/1.1 200 Connection established\r\n\r\n")
 	if err := bw.Flush(); err != nil {
 		conn.Close()
-		return
+		return 0
 	}
 	tunnel.Join(tunnel.End{Conn: st, Reader: br}, tunnel.End{Conn: conn}, 0)
+	return http.StatusOK
 }
 
 // upgradeType is the protocol a request asks to switch to, or "".
@@ -226,6 +239,9 @@ type exchange struct {
 	// upgrade is the protocol the request asks to switch to (WebSocket),
 	// or "". The stream then becomes a byte pipe on a 101 answer.
 	upgrade string
+	// status is what the server was answered: the destination's status
+	// or wsp's error; 0 when nothing was. Written by run's goroutine.
+	status int
 
 	mu       sync.Mutex
 	bc       *backendConn // guarded by mu; nil once finished
@@ -276,6 +292,7 @@ func (x *exchange) run() (keep bool) {
 		}
 		if err == nil {
 			bc.SetReadDeadline(time.Time{})
+			x.status = resp.StatusCode
 			break
 		}
 		bc.Close()
@@ -472,6 +489,7 @@ func (x *exchange) fail(e *httperr.Error, hasBody bool) (keep bool) {
 	}
 	x.c.log.Info("request failed", "method", x.req.Method, "host", x.req.URL.Host, "status", e.Status, "cause", e.Error())
 	e.Close = hasBody
+	x.status = e.Status
 	x.c.answer(x.bw, e)
 	return !hasBody
 }

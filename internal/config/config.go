@@ -45,6 +45,9 @@ type Server struct {
 	MaxStreams       int      `yaml:"maxstreams"`       // concurrent requests per session, whatever the client offers
 	MaxBodyBytes     int      `yaml:"maxbodybytes"`     // largest app request body; 0 = no limit
 
+	Admin     string `yaml:"admin"`     // host:port of the operators' listener (dashboard, metrics, pprof); "" = none
+	AdminAuth bool   `yaml:"adminauth"` // the admin listener requires the apps' credentials (auth)
+
 	src source // where the values came from, for error lines
 }
 
@@ -101,6 +104,7 @@ type Client struct {
 	SecretKey     string       `yaml:"secretkey"`     // credential sent to the server
 	Token         string       `yaml:"token"`         // per-client credential sent to the server (Authorization: Bearer)
 	TLS           ClientTLS    `yaml:"tls"`           // verifying wss:// servers, client certificates
+	Admin         string       `yaml:"admin"`         // host:port of the operators' listener (metrics, health, pprof); "" = none
 	DialTimeout   Duration     `yaml:"dialtimeout"`   // bound on connecting to a destination, > 0
 	HeaderTimeout Duration     `yaml:"headertimeout"` // bound on a destination's response headers; 0 = none
 	KeepAlive     Duration     `yaml:"keepalive"`     // ping interval, > 0
@@ -131,6 +135,7 @@ const (
 	defaultMaxSessions      = 20000
 	defaultMaxSessionsPerID = 1000
 	defaultMaxStreams       = 1000
+	defaultAdmin            = "127.0.0.1:8081"
 )
 
 // DefaultServer returns the server's defaults.
@@ -149,6 +154,7 @@ func DefaultServer() Server {
 		MaxSessions:      defaultMaxSessions,
 		MaxSessionsPerID: defaultMaxSessionsPerID,
 		MaxStreams:       defaultMaxStreams,
+		Admin:            defaultAdmin,
 	}
 }
 

@@ -49,6 +49,7 @@ func TestDefaults(t *testing.T) {
 		LogFormat: "text", MaxHeaderBytes: 64 << 10,
 		HandshakeTimeout: Duration(10 * time.Second),
 		MaxSessions:      20000, MaxSessionsPerID: 1000, MaxStreams: 1000,
+		Admin: "127.0.0.1:8081",
 	}
 	if !reflect.DeepEqual(s, want) {
 		t.Errorf("LoadServer(\"\") = %+v, want %+v", s, want)
@@ -517,7 +518,7 @@ func TestFlagsNames(t *testing.T) {
 	s.Flags(fs)
 	var got []string
 	fs.VisitAll(func(f *flag.Flag) { got = append(got, f.Name) })
-	want := []string{"drain", "handshaketimeout", "host", "idletimeout", "keepalive", "logformat", "maxbodybytes", "maxheaderbytes", "maxsessions", "maxsessionsperid", "maxstreams", "port", "secretkey", "timeout"}
+	want := []string{"admin", "drain", "handshaketimeout", "host", "idletimeout", "keepalive", "logformat", "maxbodybytes", "maxheaderbytes", "maxsessions", "maxsessionsperid", "maxstreams", "port", "secretkey", "timeout"}
 	if !slices.Equal(got, want) {
 		t.Errorf("server flags = %v, want %v", got, want)
 	}
@@ -527,7 +528,7 @@ func TestFlagsNames(t *testing.T) {
 	c.Flags(fs)
 	got = nil
 	fs.VisitAll(func(f *flag.Flag) { got = append(got, f.Name) })
-	want = []string{"allowany", "dialtimeout", "drain", "headertimeout", "id", "keepalive", "logformat", "poolidlesize", "poolmaxsize", "secretkey", "targets", "token"}
+	want = []string{"admin", "allowany", "dialtimeout", "drain", "headertimeout", "id", "keepalive", "logformat", "poolidlesize", "poolmaxsize", "secretkey", "targets", "token"}
 	if !slices.Equal(got, want) {
 		t.Errorf("client flags = %v, want %v", got, want)
 	}

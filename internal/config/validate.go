@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"net/url"
 	"os"
@@ -38,6 +39,10 @@ func (c *Server) Validate() error {
 		p.add("maxheaderbytes", "must be positive, got %d", c.MaxHeaderBytes)
 	}
 	p.rules(c.Whitelist, c.Blacklist)
+	p.listenAddr("admin", c.Admin)
+	if c.AdminAuth && !c.Auth.Enabled() {
+		p.add("adminauth", "requires auth: the admin listener takes the apps' credentials")
+	}
 	p.positive("handshaketimeout", c.HandshakeTimeout)
 	p.atLeast("maxsessions", c.MaxSessions, 1)
 	p.atLeast("maxsessionsperid", c.MaxSessionsPerID, 1)
@@ -136,6 +141,7 @@ func (c *Client) Validate() error {
 			"it can reach, an open door into its network for anyone who can use the server; "+
 			"add a whitelist, or set allowany: true (flag -allowany) to accept that")
 	}
+	p.listenAddr("admin", c.Admin)
 	p.secret("secretkey", &c.SecretKey)
 	p.secret("token", &c.Token)
 	if t := c.TLS; t.Cert != "" || t.Key != "" {
@@ -204,6 +210,16 @@ func (p *problems) add(key, format string, args ...any) {
 		e.File, e.Line = p.src.file, line
 	}
 	p.errs = append(p.errs, e)
+}
+
+// listenAddr checks an optional host:port to listen on.
+func (p *problems) listenAddr(key, addr string) {
+	if addr == "" {
+		return
+	}
+	if _, port, err := net.SplitHostPort(addr); err != nil || port == "" {
+		p.add(key, "invalid address %q: want host:port, e.g. 127.0.0.1:8081, or \"\" for none", addr)
+	}
 }
 
 func (p *problems) atLeast(key string, v, least int) {

@@ -6,7 +6,6 @@ import (
 	"net"
 	"net/http"
 	"net/url"
-	"time"
 
 	"wsp/internal/httperr"
 	"wsp/internal/tunnel"
@@ -17,11 +16,11 @@ import (
 // and the app's connection becomes a byte pipe to the destination, anything
 // else goes back to the app as is.
 func (s *Server) connect(w http.ResponseWriter, r *http.Request) {
-	start := time.Now()
 	target := r.Host
 	x := &exchange{entry: "connect", dest: &url.URL{Host: target}}
 	rec := &recorder{ResponseWriter: w}
-	defer func() { s.logAccess(r, x, rec, start) }()
+	s.begin(r, x, rec)
+	defer s.finish(r, x, rec)
 	if host, port, err := net.SplitHostPort(target); err != nil || host == "" || port == "" {
 		x.err = httperr.New(http.StatusBadRequest, httperr.BadDestination, "CONNECT %q: want host:port", target)
 		httperr.Write(rec, x.err)
@@ -85,5 +84,5 @@ func (s *Server) connect(w http.ResponseWriter, r *http.Request) {
 	defer s.tunnels.Done()
 	up, down := tunnel.Join(tunnel.End{Conn: conn, Reader: brw.Reader}, tunnel.End{Conn: st, Reader: br}, s.cfg.IdleTimeout.D())
 	rec.bytes = down
-	x.bytesIn = up
+	x.bytesIn.Store(up)
 }

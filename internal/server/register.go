@@ -46,6 +46,7 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 	id := fmt.Sprintf("%016x", rand.Uint64())
 	ws, err := s.upgrader.Upgrade(w, r, http.Header{tunnel.HeaderSession: {id}})
 	if err != nil {
+		s.metrics.HandshakeFailure("upgrade")
 		s.log.Warn("register refused", "remote", remote, "client", hello.ClientID, "cause", err)
 		return
 	}
@@ -67,10 +68,11 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 	s.sessions.Add(1)
 	defer s.sessions.Done()
 	s.reg.add(sess)
+	s.metrics.SessionUp(sess.clientID)
 	s.log.Info("client connected", "client", sess.clientID, "session", id, "remote", remote, "version", sess.version)
 
 	cause := s.watch(sess)
-	s.reg.remove(sess)
+	s.metrics.SessionDown(sess.clientID, s.reg.remove(sess))
 	ts.Close()
 	s.log.Info("client disconnected", "client", sess.clientID, "session", id, "remote", remote,
 		"cause", cause, "duration", time.Since(sess.since).Round(time.Millisecond), "requests", sess.requests.Load())
@@ -106,6 +108,7 @@ func (s *Server) watch(sess *session) string {
 // refuse answers a registration that failed before the upgrade and logs it
 // with the remote address (never with the credential).
 func (s *Server) refuse(w http.ResponseWriter, remote, clientID string, e *httperr.Error) {
+	s.metrics.HandshakeFailure(e.Code)
 	s.log.Warn("register refused", "remote", remote, "client", clientID, "status", e.Status, "cause", e.Error())
 	httperr.Write(w, e)
 }

@@ -27,7 +27,10 @@ type session struct {
 
 	inflight atomic.Int64 // exchanges in progress; at most maxStreams
 	requests atomic.Int64 // exchanges ever started
-	gone     atomic.Bool  // closed, or the client said go away: never picked again
+	bytesIn  atomic.Int64 // app body bytes relayed to the client, counted at each exchange's end
+	bytesOut atomic.Int64 // answer bytes relayed to apps, likewise
+	lastErr  atomic.Pointer[ErrorInfo]
+	gone     atomic.Bool // closed, or the client said go away: never picked again
 
 	mu   sync.Mutex
 	idle []idleStream // guarded by mu; oldest first. len(idle)+inflight <= maxStreams
@@ -90,16 +93,19 @@ func (r *registry) room(id string, max, maxPerID int) *httperr.Error {
 	return nil
 }
 
-func (r *registry) remove(s *session) {
+// remove drops s and returns how many sessions its client id has left.
+func (r *registry) remove(s *session) int {
 	s.gone.Store(true)
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if p := without(r.pools[s.clientID], s); len(p) > 0 {
+	p := without(r.pools[s.clientID], s)
+	if len(p) > 0 {
 		r.pools[s.clientID] = p
 	} else {
 		delete(r.pools, s.clientID)
 	}
 	r.all = without(r.all, s)
+	return len(p)
 }
 
 // without returns a copy of list without s.

@@ -30,12 +30,16 @@ const (
 // context from the handler through the ReverseProxy to the transport and
 // back to the access log. Only the request's goroutine touches it.
 type exchange struct {
+	id        string // X-Request-Id
 	entry     string // "request", "proxy" or "connect": how the app reached us
 	dest      *url.URL
 	want      wanted // which sessions may serve it
 	clientID  string // the client that served it
 	sessionID string
-	bytesIn   int64 // from the app, when counted (tunnels)
+	session   *session
+	start     time.Time
+	end       func(client string, status int, in, out int64, d time.Duration) // metrics
+	bytesIn   atomic.Int64                                                    // body bytes from the app, counted as they are read
 	err       *httperr.Error
 	// bodyTooLarge: the app's body went past maxbodybytes, so whatever
 	// came back is moot. Set by the goroutine sending the body.
@@ -119,7 +123,12 @@ func (s *Server) newProxy() *httputil.ReverseProxy {
 				}
 			}
 		},
-		Transport:  s.transport,
+		Transport: s.transport,
+		ModifyResponse: func(resp *http.Response) error {
+			// The app gets the relay's X-Request-Id, set before, not a copy.
+			resp.Header.Del(headerRequestID)
+			return nil
+		},
 		ErrorLog:   slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 		BufferPool: copyBuffers,
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
@@ -138,10 +147,10 @@ func (s *Server) newProxy() *httputil.ReverseProxy {
 
 // relay sends r to dest through a client and streams the answer back.
 func (s *Server) relay(w http.ResponseWriter, r *http.Request, entry string, dest *url.URL) {
-	start := time.Now()
 	x := &exchange{entry: entry, dest: dest}
 	rec := &recorder{ResponseWriter: w}
-	defer func() { s.logAccess(r, x, rec, start) }()
+	s.begin(r, x, rec)
+	defer s.finish(r, x, rec)
 	if x.err = s.admit(r, x, dest.String(), dest.Host); x.err != nil {
 		httperr.Write(rec, x.err)
 		return
@@ -227,24 +236,6 @@ func writeError(w http.ResponseWriter, err error) {
 		e = httperr.From(err)
 	}
 	httperr.Write(w, e)
-}
-
-func (s *Server) logAccess(r *http.Request, x *exchange, rec *recorder, start time.Time) {
-	attrs := []any{
-		"entry", x.entry,
-		"client", x.clientID,
-		"session", x.sessionID,
-		"method", r.Method,
-		"host", x.dest.Host,
-		"status", rec.status,
-		"bytes_in", x.bytesIn,
-		"bytes_out", rec.bytes,
-		"duration", time.Since(start).Round(time.Microsecond),
-	}
-	if x.err != nil {
-		attrs = append(attrs, "error", x.err.Code, "cause", x.err.Error())
-	}
-	s.log.Info("request", attrs...)
 }
 
 // recorder notes the status and size of an answer for the access log. It

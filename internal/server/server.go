@@ -19,6 +19,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	"wsp/internal/config"
+	"wsp/internal/metrics"
 	"wsp/internal/rules"
 	"wsp/internal/tunnel"
 )
@@ -41,6 +42,11 @@ type Server struct {
 	sessions sync.WaitGroup
 	tunnels  sync.WaitGroup // CONNECT tunnels: hijacked, so http.Server does not wait for them
 	certs    *certStore     // nil without TLS
+
+	metrics *metrics.Server
+	started time.Time
+	totals  totals
+	errors  recentErrors
 }
 
 // New checks cfg and returns a Server ready to Serve.
@@ -63,6 +69,8 @@ func New(cfg config.Server, log *slog.Logger) (*Server, error) {
 		rules:    rs,
 		tunnel:   tc,
 		reg:      newRegistry(),
+		metrics:  metrics.NewServer(),
+		started:  time.Now(),
 		upgrader: tunnel.NewUpgrader(cfg.HandshakeTimeout.D()),
 		closing:  make(chan struct{}),
 	}
@@ -74,7 +82,7 @@ func New(cfg config.Server, log *slog.Logger) (*Server, error) {
 	for _, r := range cfg.Routes {
 		s.routes = append(s.routes, route{host: regexp.MustCompile(r.Host), client: r.Client}) // Validate compiled it
 	}
-	s.transport = &transport{reg: s.reg, timeout: cfg.Timeout.D()}
+	s.transport = &transport{metrics: s.metrics, reg: s.reg, timeout: cfg.Timeout.D()}
 	s.proxy = s.newProxy()
 	return s, nil
 }
@@ -189,11 +197,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case "/status", "/healthz":
 		plain(w, http.StatusOK, "ok")
 	case "/readyz":
-		if s.draining.Load() {
-			plain(w, http.StatusServiceUnavailable, "draining")
-			return
-		}
-		plain(w, http.StatusOK, "ok")
+		s.readyz(w, r)
 	default:
 		plain(w, http.StatusNotFound, "not found: wsp serves /request, /register, /status, /healthz, /readyz and proxy requests")
 	}

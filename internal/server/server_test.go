@@ -239,7 +239,9 @@ func TestStreamsReusedThenClosedWhenIdle(t *testing.T) {
 // beyond loopback would.
 type publicListener struct{ net.Listener }
 
-func (publicListener) Addr() net.Addr { return &net.TCPAddr{IP: net.ParseIP("203.0.113.1"), Port: 8080} }
+func (publicListener) Addr() net.Addr {
+	return &net.TCPAddr{IP: net.ParseIP("203.0.113.1"), Port: 8080}
+}
 
 func TestOpenRelayWarning(t *testing.T) {
 	for _, tc := range []struct {

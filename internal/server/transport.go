@@ -13,6 +13,7 @@ import (
 	"github.com/hashicorp/yamux"
 
 	"wsp/internal/httperr"
+	"wsp/internal/metrics"
 	"wsp/internal/tunnel"
 )
 
@@ -26,6 +27,7 @@ var (
 // Request.WriteProxy (the absolute URL tells the client where to go), and
 // reads the answer with http.ReadResponse. Heads are parsed once per side.
 type transport struct {
+	metrics *metrics.Server
 	reg     *registry
 	timeout time.Duration // how long to wait for a session able to serve
 }
@@ -62,10 +64,11 @@ func (t *transport) open(ctx context.Context, x *exchange, fresh bool, tried *[]
 		if err != nil {
 			return nil, nil, false, err
 		}
-		x.sessionID, x.clientID = s.id, s.clientID
+		x.session, x.sessionID, x.clientID = s, s.id, s.clientID
 		st, reused, err := s.stream(fresh)
 		if err != nil {
 			t.reg.release(s)
+			t.metrics.StreamOpenFailure()
 			if tunnel.IsSessionGone(err) {
 				// Nothing was sent: another session may serve it.
 				s.gone.Store(true)
