@@ -1,6 +1,7 @@
 package server
 
 import (
+	"bytes"
 	"context"
 	"encoding/base64"
 	"errors"
@@ -127,6 +128,9 @@ func (s *Server) newProxy() *httputil.ReverseProxy {
 		ModifyResponse: func(resp *http.Response) error {
 			// The app gets the relay's X-Request-Id, set before, not a copy.
 			resp.Header.Del(headerRequestID)
+			if code := resp.Header.Get(httperr.Header); code != "" {
+				exchangeOf(resp.Request.Context()).err = clientError(resp, code)
+			}
 			return nil
 		},
 		ErrorLog:   slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
@@ -143,6 +147,20 @@ func (s *Server) newProxy() *httputil.ReverseProxy {
 			httperr.Write(w, x.err)
 		},
 	}
+}
+
+// clientError is the failure a client reported in its answer (its one-line
+// body, read ahead and put back), for logs, metrics and the dashboard.
+func clientError(resp *http.Response, code string) *httperr.Error {
+	head := make([]byte, 512)
+	n, _ := io.ReadFull(resp.Body, head)
+	head = head[:n]
+	resp.Body = struct {
+		io.Reader
+		io.Closer
+	}{io.MultiReader(bytes.NewReader(head), resp.Body), resp.Body}
+	msg, _, _ := strings.Cut(string(head), "\n")
+	return httperr.New(resp.StatusCode, code, "%s", msg)
 }
 
 // relay sends r to dest through a client and streams the answer back.
