@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"wsp/internal/admin"
 	"wsp/internal/client"
 	"wsp/internal/config"
 	"wsp/internal/rules"
@@ -19,7 +20,7 @@ import (
 // on loopback and prints requests to try.
 func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("demo", stderr)
-	port := fs.Int("port", 8080, "server `port`; a free one is picked when it is taken")
+	port := fs.Int("port", 8080, "server `port` (the dashboard takes the next one); a free one is picked when taken")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -34,6 +35,15 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		srvLn, err = net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
 			apiLn.Close()
+			return err
+		}
+	}
+	adminLn, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", *port+1))
+	if err != nil {
+		adminLn, err = net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			apiLn.Close()
+			srvLn.Close()
 			return err
 		}
 	}
@@ -60,8 +70,9 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	apiSrv := &http.Server{Handler: sampleAPI(), ReadHeaderTimeout: 10 * time.Second}
 	var wg sync.WaitGroup
 	var srvErr error
-	wg.Add(3)
+	wg.Add(4)
 	go func() { defer wg.Done(); apiSrv.Serve(apiLn) }()
+	go func() { defer wg.Done(); admin.Serve(ctx, adminLn, srv.AdminHandler()) }()
 	go func() {
 		defer wg.Done()
 		if srvErr = srv.Serve(ctx, srvLn); srvErr != nil {
@@ -90,9 +101,10 @@ Try:
   curl -i -H 'X-PROXY-DESTINATION: http://169.254.169.254/latest/meta-data/' %[1]s/request
   curl -x %[1]s %[2]s/hello
 
-The third is refused by the client: its whitelist allows only the sample API.
+The third is refused: the client's whitelist allows only the sample API.
+Dashboard: http://%[3]s/   metrics: http://%[3]s/metrics
 Ctrl-C stops the demo.
-`, relay, api)
+`, relay, api, adminLn.Addr().String())
 	<-ctx.Done()
 	return srvErr
 }
