@@ -48,6 +48,12 @@ type Server struct {
 	Admin     string `yaml:"admin"`     // host:port of the operators' listener (dashboard, metrics, pprof); "" = none
 	AdminAuth bool   `yaml:"adminauth"` // the admin listener requires the apps' credentials (auth)
 
+	// Legacy (root-gg/wsp) clients: bodies travel as whole WebSocket
+	// messages, bounded by MaxMessageBytes; an answer must come within
+	// LegacyTimeout.
+	MaxMessageBytes int      `yaml:"maxmessagebytes"`
+	LegacyTimeout   Duration `yaml:"legacytimeout"`
+
 	src source // where the values came from, for error lines
 }
 
@@ -94,22 +100,26 @@ func (a Auth) Enabled() bool { return len(a.Tokens) > 0 || len(a.Users) > 0 }
 
 // Client is the configuration of `wsp client`.
 type Client struct {
-	ID            string       `yaml:"id"`            // pool id; clients with the same id form one pool
-	Targets       []string     `yaml:"targets"`       // server /register URLs (ws, wss, http or https)
-	PoolIdleSize  int          `yaml:"poolidlesize"`  // accepted for root-gg/wsp compatibility; >= 0
-	PoolMaxSize   int          `yaml:"poolmaxsize"`   // max concurrent streams per session; >= 1
-	Whitelist     []rules.Spec `yaml:"whitelist"`     // a relayed request must match one of these, when set
-	Blacklist     []rules.Spec `yaml:"blacklist"`     // a relayed request must match none of these
-	AllowAny      bool         `yaml:"allowany"`      // forward anywhere when no whitelist is set
-	SecretKey     string       `yaml:"secretkey"`     // credential sent to the server
-	Token         string       `yaml:"token"`         // per-client credential sent to the server (Authorization: Bearer)
-	TLS           ClientTLS    `yaml:"tls"`           // verifying wss:// servers, client certificates
-	Admin         string       `yaml:"admin"`         // host:port of the operators' listener (metrics, health, pprof); "" = none
-	DialTimeout   Duration     `yaml:"dialtimeout"`   // bound on connecting to a destination, > 0
-	HeaderTimeout Duration     `yaml:"headertimeout"` // bound on a destination's response headers; 0 = none
-	KeepAlive     Duration     `yaml:"keepalive"`     // ping interval, > 0
-	Drain         Duration     `yaml:"drain"`         // how long shutdown waits for in-flight requests; 0 = none
-	LogFormat     string       `yaml:"logformat"`     // "text" or "json"
+	ID           string       `yaml:"id"`           // pool id; clients with the same id form one pool
+	Targets      []string     `yaml:"targets"`      // server /register URLs (ws, wss, http or https)
+	PoolIdleSize int          `yaml:"poolidlesize"` // accepted for root-gg/wsp compatibility; >= 0
+	PoolMaxSize  int          `yaml:"poolmaxsize"`  // max concurrent streams per session; >= 1
+	Whitelist    []rules.Spec `yaml:"whitelist"`    // a relayed request must match one of these, when set
+	Blacklist    []rules.Spec `yaml:"blacklist"`    // a relayed request must match none of these
+	AllowAny     bool         `yaml:"allowany"`     // forward anywhere when no whitelist is set
+	SecretKey    string       `yaml:"secretkey"`    // credential sent to the server
+	Token        string       `yaml:"token"`        // per-client credential sent to the server (Authorization: Bearer)
+	TLS          ClientTLS    `yaml:"tls"`          // verifying wss:// servers, client certificates
+	Admin        string       `yaml:"admin"`        // host:port of the operators' listener (metrics, health, pprof); "" = none
+	Legacy       bool         `yaml:"legacy"`       // speak root-gg/wsp's protocol, to old servers
+	// MaxMessageBytes bounds a whole body in the legacy protocol, where
+	// bodies travel as single WebSocket messages.
+	MaxMessageBytes int      `yaml:"maxmessagebytes"`
+	DialTimeout     Duration `yaml:"dialtimeout"`   // bound on connecting to a destination, > 0
+	HeaderTimeout   Duration `yaml:"headertimeout"` // bound on a destination's response headers; 0 = none
+	KeepAlive       Duration `yaml:"keepalive"`     // ping interval, > 0
+	Drain           Duration `yaml:"drain"`         // how long shutdown waits for in-flight requests; 0 = none
+	LogFormat       string   `yaml:"logformat"`     // "text" or "json"
 
 	src source // where the values came from, for error lines
 }
@@ -136,6 +146,8 @@ const (
 	defaultMaxSessionsPerID = 1000
 	defaultMaxStreams       = 1000
 	defaultAdmin            = "127.0.0.1:8081"
+	defaultMaxMessageBytes  = 32 << 20
+	defaultLegacyTimeout    = 60 * time.Second
 )
 
 // DefaultServer returns the server's defaults.
@@ -155,6 +167,8 @@ func DefaultServer() Server {
 		MaxSessionsPerID: defaultMaxSessionsPerID,
 		MaxStreams:       defaultMaxStreams,
 		Admin:            defaultAdmin,
+		MaxMessageBytes:  defaultMaxMessageBytes,
+		LegacyTimeout:    Duration(defaultLegacyTimeout),
 	}
 }
 
@@ -171,6 +185,8 @@ func DefaultClient() Client {
 		KeepAlive:     Duration(defaultKeepAlive),
 		Drain:         Duration(defaultDrain),
 		LogFormat:     defaultLogFormat,
+
+		MaxMessageBytes: defaultMaxMessageBytes,
 	}
 }
 

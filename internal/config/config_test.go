@@ -49,7 +49,7 @@ func TestDefaults(t *testing.T) {
 		LogFormat: "text", MaxHeaderBytes: 64 << 10,
 		HandshakeTimeout: Duration(10 * time.Second),
 		MaxSessions:      20000, MaxSessionsPerID: 1000, MaxStreams: 1000,
-		Admin: "127.0.0.1:8081",
+		Admin: "127.0.0.1:8081", MaxMessageBytes: 32 << 20, LegacyTimeout: Duration(time.Minute),
 	}
 	if !reflect.DeepEqual(s, want) {
 		t.Errorf("LoadServer(\"\") = %+v, want %+v", s, want)
@@ -77,7 +77,7 @@ func TestDefaults(t *testing.T) {
 		PoolIdleSize: 10, PoolMaxSize: 100,
 		DialTimeout: Duration(10 * time.Second), HeaderTimeout: Duration(time.Minute),
 		KeepAlive: Duration(15 * time.Second), Drain: Duration(30 * time.Second),
-		LogFormat: "text",
+		LogFormat: "text", MaxMessageBytes: 32 << 20,
 	}
 	if !reflect.DeepEqual(c, wantClient) {
 		t.Errorf("LoadClient(\"\") = %+v, want %+v", c, wantClient)
@@ -528,7 +528,7 @@ func TestFlagsNames(t *testing.T) {
 	c.Flags(fs)
 	got = nil
 	fs.VisitAll(func(f *flag.Flag) { got = append(got, f.Name) })
-	want = []string{"admin", "allowany", "dialtimeout", "drain", "headertimeout", "id", "keepalive", "logformat", "poolidlesize", "poolmaxsize", "secretkey", "targets", "token"}
+	want = []string{"admin", "allowany", "dialtimeout", "drain", "headertimeout", "id", "keepalive", "legacy", "logformat", "poolidlesize", "poolmaxsize", "secretkey", "targets", "token"}
 	if !slices.Equal(got, want) {
 		t.Errorf("client flags = %v, want %v", got, want)
 	}

@@ -37,6 +37,7 @@ func (c *Client) Flags(fs *flag.FlagSet) {
 	fs.BoolVar(&c.AllowAny, "allowany", c.AllowAny, "forward to any destination when no whitelist is set")
 	fs.Var((*secretValue)(&c.SecretKey), "secretkey", "`secret` presented to the server (visible to local users in the process list: prefer the config file)")
 	fs.StringVar(&c.Admin, "admin", c.Admin, "`host:port` of the admin listener (metrics, health, pprof); \"\" = none")
+	fs.BoolVar(&c.Legacy, "legacy", c.Legacy, "speak root-gg/wsp's protocol, to an old server")
 	fs.Var((*secretValue)(&c.Token), "token", "per-client `token` presented to the server; env:NAME or file:PATH keep it out of the process list")
 	fs.Var(&c.DialTimeout, "dialtimeout", "bound on connecting to a destination (`duration`: milliseconds or e.g. 10s)")
 	fs.Var(&c.HeaderTimeout, "headertimeout", "bound on waiting for a destination's response headers, 0 = none (`duration`)")

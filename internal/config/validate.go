@@ -40,6 +40,8 @@ func (c *Server) Validate() error {
 	}
 	p.rules(c.Whitelist, c.Blacklist)
 	p.listenAddr("admin", c.Admin)
+	p.atLeast("maxmessagebytes", c.MaxMessageBytes, 1024)
+	p.positive("legacytimeout", c.LegacyTimeout)
 	if c.AdminAuth && !c.Auth.Enabled() {
 		p.add("adminauth", "requires auth: the admin listener takes the apps' credentials")
 	}
@@ -142,6 +144,7 @@ func (c *Client) Validate() error {
 			"add a whitelist, or set allowany: true (flag -allowany) to accept that")
 	}
 	p.listenAddr("admin", c.Admin)
+	p.atLeast("maxmessagebytes", c.MaxMessageBytes, 1024)
 	p.secret("secretkey", &c.SecretKey)
 	p.secret("token", &c.Token)
 	if t := c.TLS; t.Cert != "" || t.Key != "" {
