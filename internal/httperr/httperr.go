@@ -34,6 +34,7 @@ const (
 	Draining           = "draining"            // 503: the server is shutting down
 	SessionLimit       = "session_limit"       // 503: too many client sessions
 	BodyTooLarge       = "body_too_large"      // 413: the request body exceeds maxbodybytes
+	ClientError        = "client_error"        // 502: a legacy client reported a failure (its status 527)
 )
 
 // RetryAfter is the Retry-After value sent with 503s, in seconds.

@@ -38,6 +38,11 @@ func (s *Server) connect(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer s.reg.release(sess)
+	if sess.legacy != nil {
+		x.err = httperr.New(http.StatusBadGateway, httperr.ClientError, "client %q speaks the legacy protocol, which has no CONNECT", sess.clientID)
+		httperr.Write(rec, x.err)
+		return
+	}
 	defer st.Close()
 
 	req := &http.Request{Method: http.MethodConnect, URL: &url.URL{Host: target}, Host: target, Header: http.Header{}}

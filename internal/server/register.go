@@ -20,8 +20,12 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 		httperr.Write(w, httperr.New(http.StatusServiceUnavailable, httperr.Draining, "server is draining; connect to another node"))
 		return
 	}
+	if !offersAny(r, "wsp.") {
+		s.registerLegacy(w, r)
+		return
+	}
 	if !offers(r, tunnel.Subprotocol) {
-		s.refuse(w, remote, "", httperr.New(http.StatusBadRequest, httperr.BadRequest, "the upgrade does not offer subprotocol %s (legacy root-gg/wsp clients are not supported yet)", tunnel.Subprotocol))
+		s.refuse(w, remote, "", httperr.New(http.StatusBadRequest, httperr.BadRequest, "the upgrade offers no protocol version this server speaks (it speaks %s)", tunnel.Subprotocol))
 		return
 	}
 	hello, err := tunnel.ParseHello(r.Header)
@@ -56,7 +60,8 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	sess := &session{
-		Session:    ts,
+		conn:       ts,
+		mux:        ts,
 		clientID:   hello.ClientID,
 		id:         id,
 		remote:     remote,
@@ -65,16 +70,21 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 		maxStreams: int64(min(hello.MaxStreams, s.cfg.MaxStreams)),
 		rules:      clientRules,
 	}
+	s.serveSession(sess)
+}
+
+// serveSession keeps sess in the registry until it ends, and logs both.
+func (s *Server) serveSession(sess *session) {
 	s.sessions.Add(1)
 	defer s.sessions.Done()
 	s.reg.add(sess)
 	s.metrics.SessionUp(sess.clientID)
-	s.log.Info("client connected", "client", sess.clientID, "session", id, "remote", remote, "version", sess.version)
+	s.log.Info("client connected", "client", sess.clientID, "session", sess.id, "remote", sess.remote, "version", sess.version)
 
 	cause := s.watch(sess)
 	s.metrics.SessionDown(sess.clientID, s.reg.remove(sess))
-	ts.Close()
-	s.log.Info("client disconnected", "client", sess.clientID, "session", id, "remote", remote,
+	sess.Close()
+	s.log.Info("client disconnected", "client", sess.clientID, "session", sess.id, "remote", sess.remote,
 		"cause", cause, "duration", time.Since(sess.since).Round(time.Millisecond), "requests", sess.requests.Load())
 }
 
@@ -100,7 +110,9 @@ func (s *Server) watch(sess *session) string {
 			if d := sess.IdleFor(); idle > 0 && d > idle {
 				return fmt.Sprintf("nothing received for %s (idletimeout)", d.Round(time.Millisecond))
 			}
-			sess.closeIdleStreams(time.Now().Add(-idleStreamTimeout))
+			if sess.mux != nil {
+				sess.closeIdleStreams(time.Now().Add(-idleStreamTimeout))
+			}
 		}
 	}
 }
@@ -111,6 +123,19 @@ func (s *Server) refuse(w http.ResponseWriter, remote, clientID string, e *httpe
 	s.metrics.HandshakeFailure(e.Code)
 	s.log.Warn("register refused", "remote", remote, "client", clientID, "status", e.Status, "cause", e.Error())
 	httperr.Write(w, e)
+}
+
+// offersAny reports whether the upgrade offers a subprotocol starting with
+// prefix.
+func offersAny(r *http.Request, prefix string) bool {
+	for _, h := range r.Header.Values("Sec-WebSocket-Protocol") {
+		for _, p := range strings.Split(h, ",") {
+			if strings.HasPrefix(strings.TrimSpace(p), prefix) {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 func offers(r *http.Request, proto string) bool {

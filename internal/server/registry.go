@@ -14,9 +14,20 @@ import (
 	"wsp/internal/tunnel"
 )
 
+// conn is what a session runs on: a wsp.v2 multiplexed session, or an old
+// client's one-request-at-a-time WebSocket.
+type conn interface {
+	CloseChan() <-chan struct{}
+	Err() error             // why it ended, once it has
+	IdleFor() time.Duration // since anything, keepalives included, arrived
+	Close() error
+}
+
 // session is one registered client connection as the server tracks it.
 type session struct {
-	*tunnel.Session
+	conn
+	mux        *tunnel.Session // wsp.v2; nil for a legacy client
+	legacy     *legacyConn     // root-gg/wsp protocol; nil for wsp.v2
 	clientID   string
 	id         string // short random id, in logs and the 101 answer
 	remote     string

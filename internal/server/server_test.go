@@ -221,7 +221,7 @@ func TestStreamsReusedThenClosedWhenIdle(t *testing.T) {
 	s := srv.reg.sessions()[0]
 	idle := func() int { s.mu.Lock(); defer s.mu.Unlock(); return len(s.idle) }
 	waitFor(t, "the stream to go idle", func() bool { return idle() == 1 })
-	if n := s.NumStreams(); n != 1 {
+	if n := s.mux.NumStreams(); n != 1 {
 		t.Fatalf("%d streams open after 3 sequential requests, want 1 reused", n)
 	}
 	s.closeIdleStreams(time.Now().Add(-time.Hour)) // nothing that old
@@ -232,7 +232,7 @@ func TestStreamsReusedThenClosedWhenIdle(t *testing.T) {
 	if idle() != 0 {
 		t.Fatal("an old idle stream was kept")
 	}
-	waitFor(t, "the client to see the stream closed", func() bool { return s.NumStreams() == 0 })
+	waitFor(t, "the client to see the stream closed", func() bool { return s.mux.NumStreams() == 0 })
 }
 
 // publicListener reports a non-loopback address, as a server listening

@@ -33,7 +33,7 @@ func (s *session) stream(fresh bool) (st *yamux.Stream, reused bool, err error) 
 			return st, true, nil
 		}
 	}
-	st, err = s.OpenStream()
+	st, err = s.mux.OpenStream()
 	return st, false, err
 }
 

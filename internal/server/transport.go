@@ -44,6 +44,14 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		if err != nil {
 			return nil, err
 		}
+		if s.legacy != nil {
+			resp, err := t.legacyExchange(req, s)
+			if errors.Is(err, errLegacyUnsent) {
+				tried = append(tried, s)
+				continue
+			}
+			return resp, err
+		}
 		resp, err := t.exchange(req, s, st, reused)
 		if errors.Is(err, errClosedIdle) {
 			// The client closed the stream while it was idle (it is
@@ -65,6 +73,10 @@ func (t *transport) open(ctx context.Context, x *exchange, fresh bool, tried *[]
 			return nil, nil, false, err
 		}
 		x.session, x.sessionID, x.clientID = s, s.id, s.clientID
+		if s.legacy != nil {
+			s.requests.Add(1)
+			return s, nil, false, nil
+		}
 		st, reused, err := s.stream(fresh)
 		if err != nil {
 			t.reg.release(s)
@@ -80,6 +92,30 @@ func (t *transport) open(ctx context.Context, x *exchange, fresh bool, tried *[]
 		s.requests.Add(1)
 		return s, st, reused, nil
 	}
+}
+
+// legacyExchange runs req on an old client's connection; the slot is
+// freed when the answer's body is closed.
+func (t *transport) legacyExchange(req *http.Request, s *session) (*http.Response, error) {
+	resp, err := s.legacy.roundTrip(req, s.clientID)
+	if err != nil {
+		t.reg.release(s)
+		return nil, err
+	}
+	resp.Body = &releasingBody{ReadCloser: resp.Body, release: func() { t.reg.release(s) }}
+	return resp, nil
+}
+
+// releasingBody frees a session slot when closed, once.
+type releasingBody struct {
+	io.ReadCloser
+	once    sync.Once
+	release func()
+}
+
+func (b *releasingBody) Close() error {
+	b.once.Do(b.release)
+	return b.ReadCloser.Close()
 }
 
 // errClosedIdle is a reused stream found closed before any byte of an answer.

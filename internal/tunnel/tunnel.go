@@ -13,6 +13,8 @@ import (
 
 	"github.com/gorilla/websocket"
 	"github.com/hashicorp/yamux"
+
+	"wsp/internal/httperr"
 )
 
 // Subprotocol is the WebSocket subprotocol of this protocol version. An
@@ -142,7 +144,7 @@ func NewUpgrader(handshakeTimeout time.Duration) *websocket.Upgrader {
 		WriteBufferPool:  WriteBufferPool,
 		// Refusals are answered before the upgrade, as plain HTTP.
 		Error: func(w http.ResponseWriter, r *http.Request, status int, reason error) {
-			http.Error(w, reason.Error(), status)
+			httperr.Write(w, httperr.New(status, httperr.BadRequest, "WebSocket upgrade failed: %v", reason))
 		},
 	}
 }
