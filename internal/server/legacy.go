@@ -149,17 +149,23 @@ func (c *legacyConn) read() {
 	}
 }
 
+// fail records why the connection ends and ends it, without waiting for
+// the reader (which may be the caller).
 func (c *legacyConn) fail(err error) {
 	c.err.CompareAndSwap(nil, &err)
-	c.Close()
+	c.shutdown()
 }
 
-// Close ends the connection and waits for the reader; idempotent.
-func (c *legacyConn) Close() error {
+func (c *legacyConn) shutdown() {
 	c.closeOnce.Do(func() {
 		close(c.closed)
 		c.ws.Close()
 	})
+}
+
+// Close ends the connection and waits for the reader; idempotent.
+func (c *legacyConn) Close() error {
+	c.shutdown()
 	<-c.done
 	return nil
 }
@@ -217,6 +223,9 @@ func (c *legacyConn) roundTrip(req *http.Request, clientID string) (*http.Respon
 
 	broken := func(err error) (*http.Response, error) {
 		c.fail(err)
+		if e, ok := errors.AsType[*httperr.Error](err); ok {
+			return nil, e
+		}
 		return nil, httperr.Wrap(err, http.StatusBadGateway, httperr.TunnelBroken, "the connection to legacy client %q broke", clientID)
 	}
 	timer := time.NewTimer(c.timeout)
