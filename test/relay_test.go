@@ -233,3 +233,37 @@ func TestHeaderStripping(t *testing.T) {
 		t.Errorf("hop-by-hop response headers reached the app: %v", resp.Header)
 	}
 }
+
+// TestHeadersBeforeBody: an answer whose body is slow to come reaches the
+// app as soon as its head does.
+func TestHeadersBeforeBody(t *testing.T) {
+	release := make(chan struct{})
+	r, b := setup(t, http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		w.WriteHeader(200)
+		w.(http.Flusher).Flush()
+		select {
+		case <-release:
+		case <-req.Context().Done():
+		}
+	}))
+	got := make(chan *http.Response, 1)
+	go func() {
+		resp, err := testHTTP.Do(r.request(t, "GET", b.URL+"/poll", nil))
+		if err == nil {
+			got <- resp
+		}
+	}()
+	select {
+	case resp := <-got:
+		close(release)
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Fatalf("status %d", resp.StatusCode)
+		}
+	case <-time.After(10 * time.Second):
+		close(release)
+		t.Fatal("the head did not reach the app before the body began")
+	}
+}

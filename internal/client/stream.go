@@ -305,7 +305,7 @@ func (x *exchange) run() (keep bool) {
 		x.switchProtocols(resp, bc)
 		return false
 	}
-	keep = x.respond(resp)
+	keep = x.respond(resp, bc)
 	if keep {
 		select {
 		case err := <-sentBody:
@@ -373,9 +373,17 @@ func stopReading(st net.Conn) {
 
 // respond streams resp to the server. It reports whether bc ended the
 // exchange cleanly and may serve another request.
-func (x *exchange) respond(resp *http.Response) bool {
+func (x *exchange) respond(resp *http.Response, bc *backendConn) bool {
 	defer resp.Body.Close()
 	chunked := writeHead(x.bw, resp, x.req.Method)
+	if bc.br.Buffered() == 0 {
+		// No body byte is here yet, and it may be long coming (a long
+		// poll, an event stream before its first event): the head goes
+		// now. Otherwise it goes out with the first body bytes.
+		if err := x.bw.Flush(); err != nil {
+			return false
+		}
+	}
 	bufp := copyBuffers.Get().(*[]byte)
 	defer copyBuffers.Put(bufp)
 	buf := *bufp
