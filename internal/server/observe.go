@@ -88,6 +88,7 @@ func (s *Server) begin(r *http.Request, x *exchange, rec *recorder) {
 	r.Header.Set(headerRequestID, x.id)
 	rec.Header().Set(headerRequestID, x.id)
 	x.end = s.metrics.Begin(x.entry)
+	s.totals.requests.Add(1) // counted when they start, as sessions count theirs
 	if r.Body != nil && r.Body != http.NoBody {
 		r.Body = &countingBody{ReadCloser: r.Body, n: &x.bytesIn}
 	}
@@ -99,7 +100,6 @@ func (s *Server) finish(r *http.Request, x *exchange, rec *recorder) {
 	d := time.Since(x.start)
 	in := x.bytesIn.Load()
 	x.end(x.clientID, rec.status, in, rec.bytes, d)
-	s.totals.requests.Add(1)
 	s.totals.bytesIn.Add(in)
 	s.totals.bytesOut.Add(rec.bytes)
 	if x.session != nil {
