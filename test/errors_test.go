@@ -80,6 +80,7 @@ func TestErrorStatuses(t *testing.T) {
 				go func() {
 					req := r.request(t, "GET", b.URL+"/slow", nil).WithContext(busyCtx)
 					if resp, err := testHTTP.Do(req); err == nil {
+						io.Copy(io.Discard, resp.Body) // holds the stream until released
 						resp.Body.Close()
 					}
 				}()

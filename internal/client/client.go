@@ -35,6 +35,9 @@ var Version = "dev"
 const (
 	backoffBase = 250 * time.Millisecond
 	backoffCap  = 30 * time.Second
+	// stableSession is how long a session must last for the back-off to
+	// start again from the bottom.
+	stableSession = 10 * time.Second
 	// drainPoll is how often a drain checks whether in-flight requests
 	// are done.
 	drainPoll = 20 * time.Millisecond
@@ -120,6 +123,10 @@ func (c *Client) Run(ctx context.Context) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			if c.cfg.Legacy {
+				c.runLegacyTarget(ctx, target)
+				return
+			}
 			c.runTarget(ctx, target)
 		}()
 	}
@@ -158,7 +165,8 @@ func (c *Client) runTarget(ctx context.Context, target string) {
 			continue
 		}
 		c.log.Info("connected", "target", redactURL(target), "session", sid, "attempts", failures+1)
-		failures, lastCause = 0, ""
+		connected := time.Now()
+		lastCause = ""
 		c.ready.Add(1)
 		c.metrics.Session(1)
 		c.setTarget(target, targetState{Target: redactURL(target), Connected: true, Session: sid, Since: time.Now()})
@@ -171,7 +179,13 @@ func (c *Client) runTarget(ctx context.Context, target string) {
 			return
 		}
 		c.log.Warn("disconnected; reconnecting", "target", redactURL(target), "session", sid, "cause", cause)
-		if !sleep(ctx, backoff(1)) {
+		// A session that lasted resets the back-off; one dropped at once
+		// (a server that accepts, then closes) keeps climbing it.
+		if time.Since(connected) > stableSession {
+			failures = 0
+		}
+		failures++
+		if !sleep(ctx, backoff(failures)) {
 			return
 		}
 	}

@@ -163,7 +163,7 @@ func (c *Client) admit(req *http.Request) *httperr.Error {
 			return httperr.New(http.StatusBadRequest, httperr.BadDestination, "client %q: CONNECT %q: want host:port", c.cfg.ID, target)
 		}
 	} else if u.Host == "" || (u.Scheme != "http" && u.Scheme != "https") {
-		return httperr.New(http.StatusBadRequest, httperr.BadDestination, "client %q: destination %q is not an absolute http(s) URL", c.cfg.ID, req.RequestURI)
+		return httperr.New(http.StatusBadRequest, httperr.BadDestination, "client %q: destination %q is not an absolute http(s) URL", c.cfg.ID, redact(u))
 	}
 	if err := c.rules.Check(req.Method, target, req.Header); err != nil {
 		return httperr.New(http.StatusForbidden, httperr.ClientRefused, "refused by the rules of client %q: %s %s: %s", c.cfg.ID, req.Method, redact(u), err)

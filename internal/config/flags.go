@@ -32,8 +32,8 @@ func (c *Server) Flags(fs *flag.FlagSet) {
 func (c *Client) Flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.ID, "id", c.ID, "pool `id`; clients with the same id share the load")
 	fs.Var((*listValue)(&c.Targets), "targets", "comma-separated server `URLs` to connect to (ws, wss, http or https)")
-	fs.IntVar(&c.PoolIdleSize, "poolidlesize", c.PoolIdleSize, "accepted for root-gg/wsp compatibility (`n`)")
-	fs.IntVar(&c.PoolMaxSize, "poolmaxsize", c.PoolMaxSize, "max concurrent requests per server session (`n`)")
+	fs.IntVar(&c.PoolIdleSize, "poolidlesize", c.PoolIdleSize, "with legacy: idle connections kept per server; otherwise accepted for root-gg/wsp compatibility (`n`)")
+	fs.IntVar(&c.PoolMaxSize, "poolmaxsize", c.PoolMaxSize, "max concurrent requests per server session (with legacy: connections per server) (`n`)")
 	fs.BoolVar(&c.AllowAny, "allowany", c.AllowAny, "forward to any destination when no whitelist is set")
 	fs.Var((*secretValue)(&c.SecretKey), "secretkey", "`secret` presented to the server (visible to local users in the process list: prefer the config file)")
 	fs.StringVar(&c.Admin, "admin", c.Admin, "`host:port` of the admin listener (metrics, health, pprof); \"\" = none")

@@ -122,6 +122,8 @@ func (c *Client) Validate() error {
 	p := problems{src: &c.src, cfg: c}
 	if !clientID.MatchString(c.ID) {
 		p.add("id", "invalid id %q: want 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit", c.ID)
+	} else if c.Legacy && strings.Contains(c.ID, "_") {
+		p.add("id", "invalid id %q with legacy: true: root-gg/wsp servers split the greeting on '_', so the id cannot contain one", c.ID)
 	}
 	if len(c.Targets) == 0 {
 		p.add("targets", "at least one target is required, e.g. [%s]", defaultTarget)
