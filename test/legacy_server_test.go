@@ -207,10 +207,10 @@ func TestOldClientsThroughNewServer(t *testing.T) {
 	if got := readAll(t, resp.Body); resp.StatusCode != 200 || !strings.HasPrefix(got, "GET 0 ") || resp.Header.Get("X-Path") != "/hello" {
 		t.Fatalf("GET: %d %q %v", resp.StatusCode, got, resp.Header)
 	}
-	body := strings.Repeat("p", 100000)
+	body := strings.Repeat("p", 8<<20)
 	sum := sha256.Sum256([]byte(body))
 	resp = do(t, r.request(t, "POST", b.URL+"/upload", strings.NewReader(body)))
-	if got, want := readAll(t, resp.Body), fmt.Sprintf("POST 100000 %x", sum[:4]); got != want {
+	if got, want := readAll(t, resp.Body), fmt.Sprintf("POST %d %x", 8<<20, sum[:4]); got != want {
 		t.Fatalf("POST: %q, want %q", got, want)
 	}
 
@@ -412,5 +412,101 @@ poolmaxsize : 100                    # Maximum number of concurrent open (TCP) c
 	}
 	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "allowany") {
 		t.Fatalf("a client config without a whitelist must be refused naming allowany: %v", err)
+	}
+}
+
+// TestMixedFleet: an old client and a new one with the same id form one
+// pool, and both serve it.
+func TestMixedFleet(t *testing.T) {
+	b := backend(t, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		time.Sleep(5 * time.Millisecond) // long enough for requests to overlap
+	}))
+	r := startServer(t, legacyServerConfig(), nil)
+	startClient(t, clientConfig(r, "mix"))
+	oc := startOldClient(t, r, "mix", 2, 4)
+	oc.run()
+	waitFor(t, "both kinds in the pool", func() bool { return r.sessions() == 3 })
+	legacySessions := 0
+	for _, s := range r.srv.Stats().Sessions {
+		if s.Client != "mix" {
+			t.Fatalf("session of %q in the pool", s.Client)
+		}
+		if s.Version == "root-gg/wsp" {
+			legacySessions++
+		}
+	}
+	if legacySessions != 2 {
+		t.Fatalf("%d legacy sessions, want 2", legacySessions)
+	}
+	// Concurrent requests spread over the least loaded sessions: the new
+	// client's and the old client's.
+	var wg sync.WaitGroup
+	for range 30 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			req := r.request(t, "GET", b.URL, nil)
+			req.Header.Set("X-Proxy-Client", "mix")
+			if resp, err := testHTTP.Do(req); err == nil {
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != 200 {
+					t.Errorf("status %d", resp.StatusCode)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	var byKind = map[string]int64{}
+	for _, s := range r.srv.Stats().Sessions {
+		byKind[s.Version] += s.Requests
+	}
+	if byKind["root-gg/wsp"] == 0 || byKind["dev"] == 0 {
+		t.Fatalf("requests served by kind of client: %v; want both", byKind)
+	}
+}
+
+// TestOldClientGarbage: an old client answering with broken JSON or a
+// huge message is disconnected; the others in its pool go on serving.
+func TestOldClientGarbage(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		answer func(ws *websocket.Conn)
+	}{
+		{"truncated JSON", func(ws *websocket.Conn) { ws.WriteMessage(websocket.TextMessage, []byte(`{"StatusCode":20`)) }},
+		{"garbage", func(ws *websocket.Conn) { ws.WriteMessage(websocket.TextMessage, []byte("\x00\xff garbage")) }},
+		{"huge", func(ws *websocket.Conn) { ws.WriteMessage(websocket.BinaryMessage, make([]byte, 200<<10)) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := legacyServerConfig()
+			cfg.MaxMessageBytes = 64 << 10
+			r := startServer(t, cfg, nil)
+			good := startOldClient(t, r, "good", 1, 2)
+			good.run()
+			bad := startOldClient(t, r, "bad", 1, 1)
+			bad.respond = func(ws *websocket.Conn) {
+				if _, _, err := ws.ReadMessage(); err != nil { // the head
+					return
+				}
+				ws.ReadMessage() // the body
+				tc.answer(ws)
+				ws.ReadMessage() // until the server closes it
+			}
+			bad.run()
+			waitFor(t, "both connected", func() bool { return r.sessions() == 2 })
+			b := backend(t, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "fine") }))
+			req := r.request(t, "GET", b.URL, nil)
+			req.Header.Set("X-Proxy-Client", "bad")
+			resp := do(t, req)
+			if msg := readAll(t, resp.Body); resp.StatusCode != 502 {
+				t.Fatalf("broken answer: %d %q", resp.StatusCode, msg)
+			}
+			req = r.request(t, "GET", b.URL, nil)
+			req.Header.Set("X-Proxy-Client", "good")
+			resp = do(t, req)
+			if got := readAll(t, resp.Body); resp.StatusCode != 200 || got != "fine" {
+				t.Fatalf("the other client after the fault: %d %q", resp.StatusCode, got)
+			}
+		})
 	}
 }
