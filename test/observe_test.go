@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -201,4 +202,53 @@ func TestClientAdmin(t *testing.T) {
 	if !strings.Contains(body, `"connected":true`) || !strings.Contains(body, `"id":"c1"`) {
 		t.Errorf("client /api/stats: %s", body)
 	}
+}
+
+// TestAPIFollowsClients: /api/clients lists clients as they come and go.
+func TestAPIFollowsClients(t *testing.T) {
+	r := startServer(t, serverConfig(), nil)
+	adm := httptest.NewServer(r.srv.AdminHandler())
+	t.Cleanup(adm.Close)
+	ids := func() []string {
+		var v struct{ Clients []server.ClientInfo }
+		_, body := getBody(t, adm.URL+"/api/clients")
+		if err := json.Unmarshal([]byte(body), &v); err != nil {
+			t.Fatal(err)
+		}
+		var out []string
+		for _, c := range v.Clients {
+			out = append(out, fmt.Sprintf("%s:%d", c.ID, len(c.Sessions)))
+		}
+		return out
+	}
+	if got := ids(); len(got) != 0 {
+		t.Fatalf("before any client: %v", got)
+	}
+	a := startClient(t, clientConfig(r, "alpha"))
+	b := startClient(t, clientConfig(r, "beta"))
+	startClient(t, clientConfig(r, "beta"))
+	waitFor(t, "three sessions", func() bool { return r.sessions() == 3 })
+	if got := strings.Join(ids(), " "); got != "alpha:1 beta:2" {
+		t.Fatalf("with alpha and two betas: %q", got)
+	}
+	a.stop()
+	b.stop()
+	waitFor(t, "two gone", func() bool { return r.sessions() == 1 })
+	if got := strings.Join(ids(), " "); got != "beta:1" {
+		t.Fatalf("after alpha and one beta left: %q", got)
+	}
+	_, body := getBody(t, adm.URL+"/metrics")
+	if strings.Contains(body, `wsp_sessions{client="alpha"}`) || !strings.Contains(body, `wsp_sessions{client="beta"} 1`) {
+		t.Fatalf("wsp_sessions does not follow: %s", grepLines(body, "wsp_sessions"))
+	}
+}
+
+func grepLines(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }
