@@ -244,6 +244,7 @@ type exchange struct {
 	status int
 
 	mu       sync.Mutex
+	headDone bool         // guarded by mu: the answer head came (or never will)
 	bc       *backendConn // guarded by mu; nil once finished
 	finished bool         // guarded by mu: the answer is complete, cancelling is moot
 	aborted  bool         // guarded by mu: the server gave up on the request
@@ -266,9 +267,12 @@ func (x *exchange) run() (keep bool) {
 	var resp *http.Response
 	var bc *backendConn
 	for attempt := 0; ; attempt++ {
+		// Connecting, TLS handshake included, is bounded as a whole.
+		ctx, cancel := context.WithTimeout(context.Background(), x.c.cfg.DialTimeout.D())
 		var reused bool
 		var err error
-		bc, reused, err = x.c.backends.get(context.Background(), x.req.URL)
+		bc, reused, err = x.c.backends.get(ctx, x.req.URL)
+		cancel()
 		if err != nil {
 			return x.fail(dialError(x.c.cfg.ID, x.req.URL.Host, err), hasBody)
 		}
@@ -277,33 +281,32 @@ func (x *exchange) run() (keep bool) {
 			return false
 		}
 		if hasBody {
+			// The watcher starts the header timeout once the body is out,
+			// so a long upload is not taken for a silent destination.
 			x.startWatch(bc, sentBody)
 		} else {
 			err = x.req.Write(bc.bw)
 			if err == nil {
 				err = bc.bw.Flush()
 			}
+			x.startHeaderTimeout(bc)
 		}
 		if err == nil {
-			if d := x.c.cfg.HeaderTimeout.D(); d > 0 {
-				bc.SetReadDeadline(time.Now().Add(d))
-			}
 			resp, err = readResponse(bc.br, x.req)
 		}
+		x.gotHead(bc)
 		if err == nil {
-			bc.SetReadDeadline(time.Time{})
 			x.status = resp.StatusCode
 			break
 		}
 		bc.Close()
-		if reused && !hasBody && attempt == 0 && staleConn(err) {
+		if reused && !hasBody && attempt == 0 && staleConn(err) && replayable(x.req) {
 			continue // the destination closed the idle connection: dial afresh
 		}
 		return x.fail(destinationError(x.c.cfg.ID, x.req.URL.Host, err), hasBody)
 	}
 	if resp.StatusCode == http.StatusSwitchingProtocols {
-		x.switchProtocols(resp, bc)
-		return false
+		return x.switchProtocols(resp, bc)
 	}
 	keep = x.respond(resp, bc)
 	if keep {
@@ -322,20 +325,61 @@ func (x *exchange) run() (keep bool) {
 	return keep
 }
 
+// startHeaderTimeout bounds the wait for the destination's answer head,
+// from the moment the whole request is out, unless the head already came.
+func (x *exchange) startHeaderTimeout(bc *backendConn) {
+	d := x.c.cfg.HeaderTimeout.D()
+	if d <= 0 {
+		return
+	}
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	if !x.headDone {
+		bc.SetReadDeadline(time.Now().Add(d))
+	}
+}
+
+// gotHead ends the header timeout.
+func (x *exchange) gotHead(bc *backendConn) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	x.headDone = true
+	bc.SetReadDeadline(time.Time{})
+}
+
+// replayable reports whether a request may be sent again when a kept-alive
+// connection turns out closed, as net/http decides: idempotent methods, or
+// an idempotency key.
+func replayable(req *http.Request) bool {
+	switch req.Method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace:
+		return true
+	}
+	return req.Header.Get("Idempotency-Key") != "" || req.Header.Get("X-Idempotency-Key") != ""
+}
+
 // switchProtocols relays a 101 answer and joins the stream to the
 // destination's connection: a WebSocket (or other upgraded protocol) runs
 // end to end until either side closes.
-func (x *exchange) switchProtocols(resp *http.Response, bc *backendConn) {
-	if x.req.Header.Get("Upgrade") == "" || !x.finish() {
-		bc.Close() // not asked for, or the app is gone
-		return
+// It reports whether the stream may go on (only when the 101 was refused).
+func (x *exchange) switchProtocols(resp *http.Response, bc *backendConn) bool {
+	if x.upgrade == "" || !strings.EqualFold(x.upgrade, resp.Header.Get("Upgrade")) {
+		// Not what was asked for: the server is answered, never left with
+		// an executed request and no answer.
+		bc.Close()
+		return x.fail(httperr.New(http.StatusBadGateway, httperr.DestinationBroken, "client %q: %s switched to protocol %q when %q was asked for", x.c.cfg.ID, x.req.URL.Host, resp.Header.Get("Upgrade"), x.upgrade), x.req.Body != nil && x.req.Body != http.NoBody)
+	}
+	if !x.finish() {
+		bc.Close() // the app is gone
+		return false
 	}
 	writeHead(x.bw, resp, x.req.Method)
 	if err := x.bw.Flush(); err != nil {
 		bc.Close()
-		return
+		return false
 	}
 	tunnel.Join(tunnel.End{Conn: x.st, Reader: x.br}, tunnel.End{Conn: bc.Conn, Reader: bc.br}, 0)
+	return false
 }
 
 // startWatch runs watch in a goroutine that wait waits for.
@@ -373,8 +417,15 @@ func stopReading(st net.Conn) {
 
 // respond streams resp to the server. It reports whether bc ended the
 // exchange cleanly and may serve another request.
-func (x *exchange) respond(resp *http.Response, bc *backendConn) bool {
-	defer resp.Body.Close()
+func (x *exchange) respond(resp *http.Response, bc *backendConn) (complete bool) {
+	defer func() {
+		if !complete {
+			// Closing the body would read the rest of the answer, which
+			// may never end: cut the connection first.
+			bc.Close()
+		}
+		resp.Body.Close()
+	}()
 	chunked := writeHead(x.bw, resp, x.req.Method)
 	if bc.br.Buffered() == 0 {
 		// No body byte is here yet, and it may be long coming (a long
@@ -419,6 +470,9 @@ func (x *exchange) respond(resp *http.Response, bc *backendConn) bool {
 			if !x.isAborted() {
 				x.c.log.Info("destination broke the answer", "host", x.req.URL.Host, "cause", rerr)
 			}
+			// At least the head goes out, so the server sees a broken
+			// answer, never a request executed and left unanswered.
+			x.bw.Flush()
 			return false // the stream ends unterminated: the server sees a broken answer
 		}
 	}
@@ -430,7 +484,9 @@ func (x *exchange) respond(resp *http.Response, bc *backendConn) bool {
 	if err := x.bw.Flush(); err != nil {
 		return false
 	}
-	return !resp.Close
+	// The exchange is whole on the stream even when the destination
+	// closes its connection (resp.Close): only that connection is not reused.
+	return true
 }
 
 // watch writes the request body if bc is set, then waits for what the
@@ -443,9 +499,17 @@ func (x *exchange) watch(bc *backendConn, sent chan<- error) {
 		if err == nil {
 			err = bc.bw.Flush()
 		}
+		if err == nil {
+			x.startHeaderTimeout(bc)
+		}
 		sent <- err
 		if err != nil {
 			bc.Close() // unblocks run's read of the answer
+		}
+		if x.upgrade != "" {
+			// After a 101 the stream belongs to the byte pipe: this
+			// goroutine must not read it.
+			return
 		}
 	}
 	if _, err := x.br.Peek(1); err == nil {
@@ -465,13 +529,15 @@ func (x *exchange) attach(bc *backendConn) bool {
 
 func (x *exchange) abort() {
 	x.mu.Lock()
-	defer x.mu.Unlock()
 	if x.finished {
+		x.mu.Unlock()
 		return
 	}
 	x.aborted = true
-	if x.bc != nil {
-		x.bc.Close()
+	bc := x.bc
+	x.mu.Unlock()
+	if bc != nil {
+		bc.Close() // may write (TLS close_notify): not under mu
 	}
 }
 

@@ -6,10 +6,14 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"time"
 
 	"wsp/internal/httperr"
 	"wsp/internal/tunnel"
 )
+
+// connectAnswerTimeout bounds the wait for a client's answer to CONNECT.
+const connectAnswerTimeout = time.Minute
 
 // connect serves CONNECT host:port: a raw TCP tunnel through a client to
 // host:port, for HTTPS, databases, SSH. The client's answer decides: 200
@@ -57,7 +61,10 @@ func (s *Server) connect(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	br := bufio.NewReader(st)
+	// The client answers once it has dialled (within its dialtimeout).
+	st.SetReadDeadline(time.Now().Add(connectAnswerTimeout))
 	resp, err := http.ReadResponse(br, req)
+	st.SetReadDeadline(time.Time{})
 	if err != nil {
 		x.err = httperr.Wrap(err, http.StatusBadGateway, httperr.TunnelBroken, "the session to client %q broke", sess.clientID)
 		httperr.Write(rec, x.err)
@@ -74,6 +81,12 @@ func (s *Server) connect(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
+	if !s.enter(&s.tunnels) {
+		x.err = httperr.New(http.StatusServiceUnavailable, httperr.Draining, "server is shutting down")
+		httperr.Write(rec, x.err)
+		return
+	}
+	defer s.tunnels.Done()
 	conn, brw, err := http.NewResponseController(rec).Hijack()
 	if err != nil {
 		x.err = httperr.Wrap(err, http.StatusInternalServerError, httperr.BadRequest, "cannot take over the connection")
@@ -85,8 +98,6 @@ func (s *Server) connect(w http.ResponseWriter, r *http.Request) {
 		conn.Close()
 		return
 	}
-	s.tunnels.Add(1)
-	defer s.tunnels.Done()
 	up, down := tunnel.Join(tunnel.End{Conn: conn, Reader: brw.Reader}, tunnel.End{Conn: st, Reader: br}, s.cfg.IdleTimeout.D())
 	rec.bytes = down
 	x.bytesIn.Store(up)

@@ -36,9 +36,14 @@ func (s *Server) registerLegacy(w http.ResponseWriter, r *http.Request) {
 		s.refuse(w, remote, "", e)
 		return
 	}
+	if !s.enter(&s.sessions) {
+		s.refuse(w, remote, "", httperr.New(http.StatusServiceUnavailable, httperr.Draining, "server is shutting down"))
+		return
+	}
 	id := fmt.Sprintf("%016x", rand.Uint64())
 	ws, err := s.upgrader.Upgrade(w, r, http.Header{tunnel.HeaderSession: {id}})
 	if err != nil {
+		s.sessions.Done()
 		s.metrics.HandshakeFailure("upgrade")
 		s.log.Warn("register refused", "remote", remote, "cause", err)
 		return
@@ -62,6 +67,7 @@ func (s *Server) registerLegacy(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	if err != nil {
+		s.sessions.Done()
 		s.metrics.HandshakeFailure("bad_request")
 		s.log.Warn("register refused", "remote", remote, "client", clientID, "cause", err)
 		ws.Close()
@@ -192,7 +198,7 @@ var errLegacyUnsent = errors.New("legacy connection closed before the request wa
 // away or the answer is late, the connection is closed (the old client
 // opens another).
 func (c *legacyConn) roundTrip(req *http.Request, clientID string) (*http.Response, error) {
-	if upgradeRequested(req.Header) {
+	if upgradeType(req.Header) != "" {
 		return nil, httperr.New(http.StatusBadGateway, httperr.ClientError, "client %q speaks the legacy protocol, which cannot carry protocol upgrades (WebSocket)", clientID)
 	}
 	var body []byte
@@ -208,6 +214,13 @@ func (c *legacyConn) roundTrip(req *http.Request, clientID string) (*http.Respon
 	}
 	head, _ := json.Marshal(legacy.RequestHead{Method: req.Method, URL: req.URL.String(), Header: req.Header, ContentLength: int64(len(body))})
 
+	if len(c.msgs) > 0 {
+		// A message no request asked for: it must not pass for this
+		// request's answer.
+		c.fail(fmt.Errorf("%w: a message while no request was out", legacy.ErrProtocol))
+		req.Body = io.NopCloser(bytes.NewReader(body))
+		return nil, fmt.Errorf("%w: stray message", errLegacyUnsent)
+	}
 	c.waiting.Store(true)
 	c.writeMu.Lock()
 	c.ws.SetWriteDeadline(time.Now().Add(c.timeout))
@@ -218,6 +231,8 @@ func (c *legacyConn) roundTrip(req *http.Request, clientID string) (*http.Respon
 	c.writeMu.Unlock()
 	if err != nil {
 		c.fail(err)
+		// The body was read whole: put it back for another session.
+		req.Body = io.NopCloser(bytes.NewReader(body))
 		return nil, fmt.Errorf("%w: %v", errLegacyUnsent, err)
 	}
 
@@ -266,6 +281,9 @@ func (c *legacyConn) roundTrip(req *http.Request, clientID string) (*http.Respon
 		return broken(fmt.Errorf("%w: answer body is not a binary message", legacy.ErrProtocol))
 	}
 	c.waiting.Store(false)
+	if rh.StatusCode < 200 {
+		return nil, httperr.New(http.StatusBadGateway, httperr.ClientError, "legacy client %q answered %d, which its protocol cannot carry", clientID, rh.StatusCode)
+	}
 	if rh.StatusCode == legacy.StatusClientError {
 		// root-gg/wsp's "refused or failed", with the reason as the body.
 		msg, _, _ := strings.Cut(string(m.data), "\n")
@@ -288,14 +306,4 @@ func (c *legacyConn) roundTrip(req *http.Request, clientID string) (*http.Respon
 		ContentLength: int64(len(m.data)),
 		Request:       req,
 	}, nil
-}
-
-// upgradeRequested reports whether h asks to switch protocols.
-func upgradeRequested(h http.Header) bool {
-	for _, v := range h["Connection"] {
-		if strings.Contains(strings.ToLower(v), "upgrade") {
-			return true
-		}
-	}
-	return false
 }

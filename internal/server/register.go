@@ -47,15 +47,21 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
+	if !s.enter(&s.sessions) {
+		s.refuse(w, remote, hello.ClientID, httperr.New(http.StatusServiceUnavailable, httperr.Draining, "server is shutting down"))
+		return
+	}
 	id := fmt.Sprintf("%016x", rand.Uint64())
 	ws, err := s.upgrader.Upgrade(w, r, http.Header{tunnel.HeaderSession: {id}})
 	if err != nil {
+		s.sessions.Done()
 		s.metrics.HandshakeFailure("upgrade")
 		s.log.Warn("register refused", "remote", remote, "client", hello.ClientID, "cause", err)
 		return
 	}
 	ts, err := tunnel.NewServerSession(ws, s.tunnel)
 	if err != nil {
+		s.sessions.Done()
 		s.log.Error("session setup failed", "remote", remote, "client", hello.ClientID, "cause", err)
 		return
 	}
@@ -74,8 +80,8 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 }
 
 // serveSession keeps sess in the registry until it ends, and logs both.
+// The caller has counted it in s.sessions (enter); serveSession counts it out.
 func (s *Server) serveSession(sess *session) {
-	s.sessions.Add(1)
 	defer s.sessions.Done()
 	s.reg.add(sess)
 	s.metrics.SessionUp(sess.clientID)

@@ -128,7 +128,7 @@ func (s *Server) newProxy() *httputil.ReverseProxy {
 		ModifyResponse: func(resp *http.Response) error {
 			// The app gets the relay's X-Request-Id, set before, not a copy.
 			resp.Header.Del(headerRequestID)
-			if code := resp.Header.Get(httperr.Header); code != "" {
+			if code := resp.Header.Get(httperr.Header); code != "" && resp.StatusCode >= 400 {
 				exchangeOf(resp.Request.Context()).err = clientError(resp, code)
 			}
 			return nil

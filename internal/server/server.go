@@ -42,6 +42,8 @@ type Server struct {
 	sessions sync.WaitGroup
 	tunnels  sync.WaitGroup // CONNECT tunnels: hijacked, so http.Server does not wait for them
 	certs    *certStore     // nil without TLS
+	stopMu   sync.Mutex
+	stopped  bool // guarded by stopMu: sessions and tunnels are no longer counted in
 
 	metrics *metrics.Server
 	started time.Time
@@ -170,8 +172,23 @@ func waitCtx(ctx context.Context, wg *sync.WaitGroup) error {
 }
 
 func (s *Server) closeSessions() {
+	s.stopMu.Lock()
+	s.stopped = true
+	s.stopMu.Unlock()
 	close(s.closing)
 	s.sessions.Wait()
+}
+
+// enter counts a session or tunnel about to leave http.Server's tracking
+// (hijacked), unless the server is past its drain: then false.
+func (s *Server) enter(wg *sync.WaitGroup) bool {
+	s.stopMu.Lock()
+	defer s.stopMu.Unlock()
+	if s.stopped {
+		return false
+	}
+	wg.Add(1)
+	return true
 }
 
 // ServeHTTP routes the server's endpoints.

@@ -37,11 +37,19 @@ func (s *session) stream(fresh bool) (st *yamux.Stream, reused bool, err error) 
 	return st, false, err
 }
 
-// putIdle keeps st for the next exchange.
+// putIdle keeps st for the next exchange, unless the session already
+// keeps as many streams as it may have: called before the exchange's slot
+// is released, so inflight still counts it.
 func (s *session) putIdle(st *yamux.Stream) {
 	s.mu.Lock()
-	s.idle = append(s.idle, idleStream{st: st, since: time.Now()})
+	keep := int64(len(s.idle))+s.inflight.Load() <= s.maxStreams
+	if keep {
+		s.idle = append(s.idle, idleStream{st: st, since: time.Now()})
+	}
 	s.mu.Unlock()
+	if !keep {
+		st.Close()
+	}
 }
 
 // closeIdleStreams closes the streams idle since before cutoff, which frees

@@ -7,7 +7,9 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/yamux"
@@ -124,11 +126,17 @@ var errClosedIdle = errors.New("stream closed while idle")
 // exchange sends req on st and returns the response, whose Body owns the
 // stream and the session's slot until closed.
 func (t *transport) exchange(req *http.Request, s *session, st *yamux.Stream, reused bool) (*http.Response, error) {
-	// Unblock a pending read when the app goes away; closing the stream
-	// tells the client to abandon the request.
+	// When the app goes away: unblock a pending read, close the stream
+	// (which tells the client to abandon the request) and, should the
+	// answer's body never be closed (ReverseProxy drops some rejected
+	// upgrades), free the slot.
+	var body atomic.Pointer[streamBody]
 	stop := context.AfterFunc(req.Context(), func() {
 		st.SetReadDeadline(time.Now())
 		st.Close()
+		if b := body.Load(); b != nil {
+			b.Close()
+		}
 	})
 	fail := func(err error) (*http.Response, error) {
 		stop()
@@ -201,7 +209,10 @@ func (t *transport) exchange(req *http.Request, s *session, st *yamux.Stream, re
 		if e, ok := errors.AsType[*httperr.Error](err); ok {
 			return fail(e)
 		}
-		if err == io.EOF && reused {
+		if err == io.EOF && sent == nil {
+			// Closed before any byte of an answer: the client never
+			// executes a request it does not answer (it closed the stream
+			// idle, or refused it while draining), so it may go elsewhere.
 			return fail(errClosedIdle)
 		}
 		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
@@ -224,6 +235,11 @@ func (t *transport) exchange(req *http.Request, s *session, st *yamux.Stream, re
 		t.reg.release(s)
 	}}
 	if resp.StatusCode == http.StatusSwitchingProtocols {
+		if want := upgradeType(req.Header); want == "" || !strings.EqualFold(want, resp.Header.Get("Upgrade")) {
+			// ReverseProxy would refuse it without closing the body.
+			b.Close()
+			return nil, httperr.New(http.StatusBadGateway, httperr.DestinationBroken, "the destination switched to protocol %q when %q was asked for", resp.Header.Get("Upgrade"), want)
+		}
 		// ReverseProxy may still read an upgraded body after closing it,
 		// so its reader is never recycled.
 		b.br = nil
@@ -231,7 +247,20 @@ func (t *transport) exchange(req *http.Request, s *session, st *yamux.Stream, re
 	} else {
 		resp.Body = b
 	}
+	body.Store(b)
 	return resp, nil
+}
+
+// upgradeType is the protocol a request asks to switch to, or "".
+func upgradeType(h http.Header) string {
+	for _, v := range h["Connection"] {
+		for _, tok := range strings.Split(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(tok), "upgrade") {
+				return h.Get("Upgrade")
+			}
+		}
+	}
+	return ""
 }
 
 // streamBody is a response body read from a stream. Close frees the
