@@ -1,0 +1,173 @@
+package test
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"wsp/internal/config"
+)
+
+// TestManyPostsDoNotExhaustStreams: requests with a body open fresh
+// streams; parking every one as idle used to fill the client's limit.
+func TestManyPostsDoNotExhaustStreams(t *testing.T) {
+	r := startServer(t, serverConfig(), nil)
+	cfg := clientConfig(r, "c1")
+	cfg.PoolMaxSize = 2
+	startClient(t, cfg)
+	b := backend(t, http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) { io.Copy(w, req.Body) }))
+	for i := range 20 {
+		resp := do(t, r.request(t, "POST", b.URL, strings.NewReader(fmt.Sprint(i))))
+		if got := readAll(t, resp.Body); resp.StatusCode != 200 || got != fmt.Sprint(i) {
+			t.Fatalf("POST %d: %d %q", i, resp.StatusCode, got)
+		}
+	}
+}
+
+// TestUnaskedSwitchDoesNotLeakSlot: a destination answering 101 to a
+// request that asked for no upgrade gets a 502, and the session's slot is
+// freed.
+func TestUnaskedSwitchDoesNotLeakSlot(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				buf := make([]byte, 4096)
+				c.Read(buf)
+				io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+				c.Read(buf)
+			}()
+		}
+	}()
+	r := startServer(t, serverConfig(), nil)
+	startClient(t, clientConfig(r, "c1"))
+	for range 3 {
+		resp := do(t, r.request(t, "GET", "http://"+ln.Addr().String()+"/", nil))
+		if readAll(t, resp.Body); resp.StatusCode != 502 {
+			t.Fatalf("unasked 101: %d, want 502", resp.StatusCode)
+		}
+	}
+	waitFor(t, "slots released", func() bool { return r.inflight() == 0 })
+}
+
+// TestSlowUploadWithinHeaderTimeout: headertimeout counts from the end of
+// the request, not its start.
+func TestSlowUploadWithinHeaderTimeout(t *testing.T) {
+	r := startServer(t, serverConfig(), nil)
+	cfg := clientConfig(r, "c1")
+	cfg.HeaderTimeout = config.Duration(300 * time.Millisecond)
+	startClient(t, cfg)
+	b := backend(t, http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		n, _ := io.Copy(io.Discard, req.Body)
+		fmt.Fprint(w, n)
+	}))
+	pr, pw := io.Pipe()
+	go func() {
+		for range 8 { // 800 ms of upload
+			pw.Write([]byte("0123456789"))
+			time.Sleep(100 * time.Millisecond)
+		}
+		pw.Close()
+	}()
+	resp := do(t, r.request(t, "POST", b.URL, pr))
+	if got := readAll(t, resp.Body); resp.StatusCode != 200 || got != "80" {
+		t.Fatalf("slow upload: %d %q", resp.StatusCode, got)
+	}
+}
+
+// TestSilentTLSDestinationBounded: a destination that accepts TCP and never
+// answers the TLS handshake is given up on after dialtimeout.
+func TestSilentTLSDestinationBounded(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	held := make(chan net.Conn, 16)
+	done := make(chan struct{})
+	t.Cleanup(func() {
+		ln.Close()
+		<-done
+		close(held)
+		for c := range held {
+			c.Close()
+		}
+	})
+	go func() {
+		defer close(done)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			select {
+			case held <- c: // held open, silent
+			default:
+				c.Close()
+			}
+		}
+	}()
+	r := startServer(t, serverConfig(), nil)
+	cfg := clientConfig(r, "c1")
+	cfg.DialTimeout = config.Duration(300 * time.Millisecond)
+	startClient(t, cfg)
+	start := time.Now()
+	resp := do(t, r.request(t, "GET", "https://"+ln.Addr().String()+"/", nil))
+	readAll(t, resp.Body)
+	if resp.StatusCode != 504 || time.Since(start) > 5*time.Second {
+		t.Fatalf("silent TLS destination: %d after %v", resp.StatusCode, time.Since(start))
+	}
+}
+
+// TestPostNotReplayedOnStaleConnection: a POST whose kept-alive connection
+// turns out closed is not sent a second time.
+func TestPostNotReplayedOnStaleConnection(t *testing.T) {
+	var posts atomic.Int32
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				buf := make([]byte, 4096)
+				// First request: answered, connection kept.
+				c.Read(buf)
+				io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+				// Second: read, then closed unanswered, as a server
+				// closing an idle connection at the same moment would.
+				if n, _ := c.Read(buf); n > 0 && strings.HasPrefix(string(buf[:n]), "POST") {
+					posts.Add(1)
+				}
+			}()
+		}
+	}()
+	r := startServer(t, serverConfig(), nil)
+	startClient(t, clientConfig(r, "c1"))
+	dest := "http://" + ln.Addr().String() + "/"
+	readAll(t, do(t, r.request(t, "GET", dest, nil)).Body)
+	resp := do(t, r.request(t, "POST", dest, nil))
+	readAll(t, resp.Body)
+	if resp.StatusCode != 502 || posts.Load() != 1 {
+		t.Fatalf("POST on a stale connection: %d, executed %d times; want 502, once", resp.StatusCode, posts.Load())
+	}
+}
