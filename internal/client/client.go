@@ -11,6 +11,7 @@ import (
 	"io"
 	"log/slog"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"net/url"
 	"strings"
@@ -240,7 +241,28 @@ func (c *Client) dial(ctx context.Context, target string) (*tunnel.Session, stri
 		Version:    Version,
 		Rules:      tunnel.Rules{Whitelist: c.cfg.Whitelist, Blacklist: c.cfg.Blacklist},
 	}
-	ws, resp, err := c.dialer.DialContext(ctx, wsURL(target), hello.Header())
+	// gorilla bounds its handshake by HandshakeTimeout only: cancelling
+	// ctx (shutting down) must end a handshake to a silent server too.
+	d := *c.dialer
+	var mu sync.Mutex
+	var conn net.Conn
+	d.NetDialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		var nd net.Dialer
+		cn, err := nd.DialContext(ctx, network, addr)
+		mu.Lock()
+		conn = cn
+		mu.Unlock()
+		return cn, err
+	}
+	stop := context.AfterFunc(ctx, func() {
+		mu.Lock()
+		defer mu.Unlock()
+		if conn != nil {
+			conn.SetDeadline(time.Now())
+		}
+	})
+	ws, resp, err := d.DialContext(ctx, wsURL(target), hello.Header())
+	stop()
 	if err != nil {
 		if resp != nil && resp.StatusCode != http.StatusSwitchingProtocols {
 			return nil, "", refusal(resp)

@@ -536,6 +536,9 @@ func (x *exchange) abort() {
 	x.aborted = true
 	bc := x.bc
 	x.mu.Unlock()
+	// A write to the stream blocked on a full window would otherwise wait
+	// for the server's stream close timeout.
+	x.st.SetWriteDeadline(time.Now())
 	if bc != nil {
 		bc.Close() // may write (TLS close_notify): not under mu
 	}

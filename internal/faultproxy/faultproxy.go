@@ -30,7 +30,9 @@ const (
 	// included.
 	Pass Mode = iota
 	// Delay forwards every chunk a fixed time after it was read, in each
-	// direction (see SetDelay); throughput is not limited.
+	// direction (see SetDelay). With at most queueLen chunks held per
+	// direction, a delayed direction carries at most 256 KiB per delay, as
+	// a link with that bandwidth-delay product would.
 	Delay
 	// BlackHole forwards nothing, neither bytes nor FIN nor RST, and holds
 	// new connections accepted but not connected to the target. What was
@@ -68,7 +70,8 @@ const (
 var chunks = sync.Pool{New: func() any { b := make([]byte, chunkSize); return &b }}
 
 // Proxy accepts connections and forwards them to one target address,
-// applying the current fault. Create it with New or Serve; Close stops it.
+// applying the current fault. Create it with New or NewFromListener; Close
+// stops it.
 type Proxy struct {
 	ln     net.Listener
 	target string
@@ -94,11 +97,12 @@ func New(target string) (*Proxy, error) {
 	if err != nil {
 		return nil, fmt.Errorf("faultproxy: listen: %w", err)
 	}
-	return Serve(ln, target), nil
+	return NewFromListener(ln, target), nil
 }
 
-// Serve accepts on ln, which the proxy then owns, and forwards to target.
-func Serve(ln net.Listener, target string) *Proxy {
+// NewFromListener accepts on ln, which the proxy then owns, and forwards to
+// target.
+func NewFromListener(ln net.Listener, target string) *Proxy {
 	p := &Proxy{
 		ln:      ln,
 		target:  target,

@@ -269,10 +269,8 @@ func TestResetCurrentAndNewConnections(t *testing.T) {
 	}
 	// New connections are reset as soon as accepted.
 	for range 3 {
-		c2 := dial(t, p.Addr())
-		c2.SetReadDeadline(time.Now().Add(5 * time.Second))
-		if _, err := c2.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
-			t.Fatalf("new connection: read %v, want ECONNRESET", err)
+		if err := dialAndRead(p.Addr()); !errors.Is(err, syscall.ECONNRESET) {
+			t.Fatalf("new connection: %v, want ECONNRESET", err)
 		}
 	}
 	waitFor(t, "no connection left", func() bool { return p.Conns() == 0 })
@@ -310,15 +308,22 @@ func TestUnreachableTargetResets(t *testing.T) {
 	addr := ln.Addr().String()
 	ln.Close() // nothing listens there now
 	p := newProxy(t, addr)
-	c, err := net.DialTimeout("tcp", p.Addr(), 5*time.Second)
-	if err == nil { // else the reset came before connect returned
-		defer c.Close()
-		c.SetReadDeadline(time.Now().Add(5 * time.Second))
-		_, err = c.Read(make([]byte, 1))
-	}
-	if !errors.Is(err, syscall.ECONNRESET) {
+	if err := dialAndRead(p.Addr()); !errors.Is(err, syscall.ECONNRESET) {
 		t.Fatalf("got %v, want ECONNRESET", err)
 	}
+}
+
+// dialAndRead connects to addr and reads one byte: the error says how the
+// connection ended (a reset may come before connect returns).
+func dialAndRead(addr string) error {
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, err = c.Read(make([]byte, 1))
+	return err
 }
 
 func TestCloseStopsEverything(t *testing.T) {

@@ -209,10 +209,12 @@ func (t *transport) exchange(req *http.Request, s *session, st *yamux.Stream, re
 		if e, ok := errors.AsType[*httperr.Error](err); ok {
 			return fail(e)
 		}
-		if err == io.EOF && sent == nil {
-			// Closed before any byte of an answer: the client never
-			// executes a request it does not answer (it closed the stream
-			// idle, or refused it while draining), so it may go elsewhere.
+		if err == io.EOF && sent == nil && !s.mux.IsClosed() {
+			// Closed before any byte of an answer by a client still
+			// there: it never executes a request it does not answer (it
+			// closed the stream idle, or refused it while draining), so
+			// the request may go elsewhere. A dying session also ends its
+			// streams with EOF, and then the request may have run.
 			return fail(errClosedIdle)
 		}
 		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
