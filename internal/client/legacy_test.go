@@ -207,4 +207,3 @@ func TestLegacyIDWithUnderscore(t *testing.T) {
 		t.Fatalf("an id with '_' is fine for wsp.v2: %v", err)
 	}
 }
-
