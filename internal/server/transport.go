@@ -135,7 +135,7 @@ func (t *transport) exchange(req *http.Request, s *session, st *yamux.Stream, re
 		st.SetReadDeadline(time.Now())
 		st.Close()
 		if b := body.Load(); b != nil {
-			b.Close()
+			b.finish(false)
 		}
 	})
 	fail := func(err error) (*http.Response, error) {
@@ -270,13 +270,14 @@ func upgradeType(h http.Header) string {
 // the next request; it is idempotent.
 type streamBody struct {
 	io.ReadCloser
-	br     *bufio.Reader // recycled on Close; nil when it must not be
-	st     *yamux.Stream
-	resp   *http.Response
-	sent   chan error // nil when the request went out whole before the answer was read
-	sawEOF bool       // the body was read to its end
-	once   sync.Once
-	done   func(reuse bool)
+	br        *bufio.Reader // recycled on Close; nil when it must not be
+	st        *yamux.Stream
+	resp      *http.Response
+	sent      chan error // nil when the request went out whole before the answer was read
+	sawEOF    bool       // the body was read to its end; Read's and Close's goroutine only
+	once      sync.Once  // for finish
+	closeOnce sync.Once
+	done      func(reuse bool)
 }
 
 func (b *streamBody) Read(p []byte) (int, error) {
@@ -287,17 +288,25 @@ func (b *streamBody) Read(p []byte) (int, error) {
 	return n, err
 }
 
+// Close is called by the body's reader, once done reading.
 func (b *streamBody) Close() error {
-	b.once.Do(func() {
+	b.closeOnce.Do(func() {
 		reuse := b.sawEOF && !b.resp.Close && b.br != nil && b.br.Buffered() == 0 && b.requestSent()
 		b.ReadCloser.Close()
-		b.done(reuse)
+		b.finish(reuse)
 		if b.br != nil {
 			b.br.Reset(nil)
 			readerPool.Put(b.br)
 		}
 	})
 	return nil
+}
+
+// finish ends the exchange once: it keeps or closes the stream and frees
+// the slot. Close calls it, or the request's end when the body is never
+// closed (then from another goroutine: it touches nothing Read uses).
+func (b *streamBody) finish(reuse bool) {
+	b.once.Do(func() { b.done(reuse) })
 }
 
 // requestSent reports whether the whole request went out without error.
