@@ -38,7 +38,11 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			return err
 		}
 	}
-	adminLn, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", *port+1))
+	adminPort := 0 // with -port 0, any free one
+	if *port != 0 {
+		adminPort = *port + 1
+	}
+	adminLn, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", adminPort))
 	if err != nil {
 		adminLn, err = net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
