@@ -207,3 +207,26 @@ func wspBinary(t *testing.T) string {
 	}
 	return builtBin
 }
+
+// TestDrainNotice: once a drain starts, /readyz fails on the app port while
+// requests are still served, for drainnotice; then the listener closes.
+func TestDrainNotice(t *testing.T) {
+	cfg := serverConfig()
+	cfg.DrainNotice = config.Duration(2 * time.Second)
+	r := startServer(t, cfg, nil)
+	startClient(t, clientConfig(r, "c1"))
+	b := backend(t, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "served") }))
+	stopped := make(chan error, 1)
+	go func() { stopped <- r.stop() }()
+	waitFor(t, "/readyz to fail", func() bool {
+		status, _ := getBody(t, r.url+"/readyz")
+		return status == http.StatusServiceUnavailable
+	})
+	resp := do(t, r.request(t, "GET", b.URL, nil))
+	if got := readAll(t, resp.Body); resp.StatusCode != 200 || got != "served" {
+		t.Fatalf("during the drain notice: %d %q", resp.StatusCode, got)
+	}
+	if err := <-stopped; err != nil {
+		t.Fatal(err)
+	}
+}

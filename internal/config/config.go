@@ -28,7 +28,10 @@ type Server struct {
 	SecretKey   string       `yaml:"secretkey"`   // shared secret clients must present; "" = none
 	KeepAlive   Duration     `yaml:"keepalive"`   // ping interval, > 0; a peer silent for two intervals is dead
 	Drain       Duration     `yaml:"drain"`       // how long shutdown waits for in-flight requests; 0 = none
-	LogFormat   string       `yaml:"logformat"`   // "text" or "json"
+	// DrainNotice is how long, once a drain starts, the server goes on
+	// serving with /readyz failing, so load balancers stop sending first.
+	DrainNotice Duration `yaml:"drainnotice"`
+	LogFormat   string   `yaml:"logformat"` // "text" or "json"
 	// MaxHeaderBytes bounds an app request's header; beyond it the answer is 431.
 	MaxHeaderBytes int `yaml:"maxheaderbytes"`
 	// Routes send requests that name no client to a pool by destination host.

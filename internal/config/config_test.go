@@ -518,7 +518,7 @@ func TestFlagsNames(t *testing.T) {
 	s.Flags(fs)
 	var got []string
 	fs.VisitAll(func(f *flag.Flag) { got = append(got, f.Name) })
-	want := []string{"admin", "drain", "handshaketimeout", "host", "idletimeout", "keepalive", "logformat", "maxbodybytes", "maxheaderbytes", "maxsessions", "maxsessionsperid", "maxstreams", "port", "secretkey", "timeout"}
+	want := []string{"admin", "drain", "drainnotice", "handshaketimeout", "host", "idletimeout", "keepalive", "logformat", "maxbodybytes", "maxheaderbytes", "maxsessions", "maxsessionsperid", "maxstreams", "port", "secretkey", "timeout"}
 	if !slices.Equal(got, want) {
 		t.Errorf("server flags = %v, want %v", got, want)
 	}

@@ -19,6 +19,7 @@ func (c *Server) Flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.LogFormat, "logformat", c.LogFormat, "log `format`: text or json")
 	fs.IntVar(&c.MaxHeaderBytes, "maxheaderbytes", c.MaxHeaderBytes, "largest app request header, in `bytes` (431 beyond)")
 	fs.StringVar(&c.Admin, "admin", c.Admin, "`host:port` of the admin listener (dashboard, metrics, pprof); \"\" disables it")
+	fs.Var(&c.DrainNotice, "drainnotice", "once a drain starts, go on serving this long with /readyz failing (`duration`)")
 	fs.Var(&c.HandshakeTimeout, "handshaketimeout", "a request head (app or client handshake) must arrive within this (`duration`)")
 	fs.IntVar(&c.MaxSessions, "maxsessions", c.MaxSessions, "most client sessions in all (`n`)")
 	fs.IntVar(&c.MaxSessionsPerID, "maxsessionsperid", c.MaxSessionsPerID, "most client sessions with one id (`n`)")

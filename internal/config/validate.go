@@ -34,6 +34,7 @@ func (c *Server) Validate() error {
 	p.notNegative("idletimeout", c.IdleTimeout)
 	p.positive("keepalive", c.KeepAlive)
 	p.notNegative("drain", c.Drain)
+	p.notNegative("drainnotice", c.DrainNotice)
 	p.logFormat(c.LogFormat)
 	if c.MaxHeaderBytes <= 0 {
 		p.add("maxheaderbytes", "must be positive, got %d", c.MaxHeaderBytes)

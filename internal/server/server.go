@@ -124,6 +124,18 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	}
 
 	s.draining.Store(true)
+	if notice := s.cfg.DrainNotice.D(); notice > 0 {
+		// Serve on, failing /readyz, until load balancers have noticed.
+		s.log.Info("drain notice: /readyz fails, still serving", "for", notice)
+		t := time.NewTimer(notice)
+		select {
+		case <-t.C:
+		case err := <-errc:
+			t.Stop()
+			s.closeSessions()
+			return fmt.Errorf("serve %s: %w", ln.Addr(), err)
+		}
+	}
 	s.log.Info("draining", "timeout", s.cfg.Drain.D())
 	dctx, cancel := context.WithTimeout(context.Background(), s.cfg.Drain.D())
 	defer cancel()
