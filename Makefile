@@ -41,3 +41,10 @@ SOAK ?= 2m
 .PHONY: soak
 soak:
 	go test -race -count=1 -v -run '^TestSoak$$' -timeout 0 ./test/ -soak=$(SOAK)
+
+# One server holding N idle client sessions (default 10000): connect time and
+# server memory per session.
+N ?= 10000
+.PHONY: bench-clients
+bench-clients:
+	N=$(N) ./bench/clients.sh

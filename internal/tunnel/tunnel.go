@@ -139,9 +139,12 @@ func NewUpgrader(handshakeTimeout time.Duration) *websocket.Upgrader {
 	return &websocket.Upgrader{
 		HandshakeTimeout: handshakeTimeout,
 		Subprotocols:     []string{Subprotocol},
-		ReadBufferSize:   ReadBufferSize,
-		WriteBufferSize:  WriteBufferSize,
-		WriteBufferPool:  WriteBufferPool,
+		// 0: read through the buffer http.Server already has for the
+		// connection (4 KiB) rather than a new one: thousands of idle
+		// sessions each keep it.
+		ReadBufferSize:  0,
+		WriteBufferSize: WriteBufferSize,
+		WriteBufferPool: WriteBufferPool,
 		// Refusals are answered before the upgrade, as plain HTTP.
 		Error: func(w http.ResponseWriter, r *http.Request, status int, reason error) {
 			httperr.Write(w, httperr.New(status, httperr.BadRequest, "WebSocket upgrade failed: %v", reason))
