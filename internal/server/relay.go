@@ -29,7 +29,8 @@ const (
 
 // exchange is what the relay knows about one app request, carried in its
 // context from the handler through the ReverseProxy to the transport and
-// back to the access log. Only the request's goroutine touches it.
+// back to the access log. The request's goroutine owns it; the goroutine
+// sending the app's body on touches only its atomic fields.
 type exchange struct {
 	id        string // X-Request-Id
 	entry     string // "request", "proxy" or "connect": how the app reached us
