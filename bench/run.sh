@@ -1,17 +1,28 @@
 #!/usr/bin/env bash
 # bench/run.sh — throughput and latency of wsp against going direct.
 #
-# Starts a tiny backend (bench/backend), a wsp server and a wsp client on free
-# loopback ports, then measures with wrk, for each point, the backend directly
-# and through wsp (`GET /request` + X-PROXY-DESTINATION) in the same run:
+# Starts a tiny backend (bench/backend), a wsp server, a wsp client and a
+# `wsp forward` on free loopback ports, then measures with wrk, for each point,
+# the backend in three ways in the same run:
+#
+#   direct    wrk -> backend
+#   request   wrk -> server `GET /request` + X-PROXY-DESTINATION -> client -> backend
+#   connect   wrk -> `wsp forward` -> CONNECT tunnel through server and client -> backend
+#             (one tunnel per accepted connection; wrk keeps its connections
+#             alive, so each wrk connection is one tunnel for the whole run)
+#
+# at these points:
 #
 #   small GETs (~100 B)   at c=1, 16, 64
 #   10 MiB download       at c=1, 8
 #
-# Each point runs DURATION seconds, RUNS times (direct and wsp interleaved so
-# that machine drift hits both alike); the table shows the median req/s.
-# Also: added p50 latency at c=1, CPU per request of server+client at c=64, and
-# RSS of both processes after load. Results go to bench/out/results.json.
+# Each point runs DURATION seconds, RUNS times (direct, request and connect
+# interleaved so that machine drift hits all alike); the table shows the
+# median req/s and the ratios to direct. Also: added p50 latency at c=1, CPU
+# per request at c=64 (server+client for request; server+client+forward for
+# connect), and RSS of the processes after load. Results go to
+# bench/out/results.json (the /request mode keeps its historical key "wsp";
+# the CONNECT mode's fields are named "connect").
 #
 # Usage: make bench   or   DURATION=2 RUNS=1 ./bench/run.sh
 set -euo pipefail
@@ -35,13 +46,17 @@ POINTS=(
 CPU_POINT=small_c64 # where CPU per request is measured
 P50_POINT=small_c1  # where the added p50 latency is measured
 
+# Modes ("wsp" is /request) and the wsp processes whose CPU each one costs.
+declare -A MODE_PROCS=([wsp]="server client" [connect]="server client forward")
+
 declare -a PIDS=()     # every process we started, killed on exit
+declare -A PID_OF=()   # "server"/"client"/"forward" -> pid
 declare -A RPS=()      # "$point/$mode" -> space-separated req/s of each run
 declare -A P50=()      # "$point/$mode" -> space-separated p50 (µs) of each run
 declare -A ERRS=()     # "$point/$mode" -> non-2xx + socket errors, all runs
-CPU_TICKS_SERVER=0
-CPU_TICKS_CLIENT=0
-CPU_REQUESTS=0
+declare -A TUNNELS=()  # "$point" -> tunnels the forward closed, all runs
+declare -A CPU=()      # "$mode/$proc" -> clock ticks at CPU_POINT, all runs; "$mode/requests"
+declare -A CPU0=()     # "$proc" -> ticks when the current measured run started
 
 log() { printf '[bench] %s\n' "$*" >&2; }
 die() {
@@ -152,6 +167,7 @@ start_server() {
 	"$ROOT/bin/wsp" server -config "$WORK/server.yaml" 2>"$WORK/server.log" &
 	SERVER_PID=$!
 	PIDS+=("$SERVER_PID")
+	PID_OF[server]=$SERVER_PID
 	local line
 	line=$(wait_for_line "$WORK/server.log" 'listening.*127\.0\.0\.1:[0-9]+' 10) || {
 		alive "$SERVER_PID" server
@@ -161,9 +177,11 @@ start_server() {
 	log "wsp server on $SERVER (pid $SERVER_PID)"
 }
 
-# start_client connects one wsp client, allowed to reach the backend only,
-# with room for every wrk connection (poolmaxsize bounds concurrent streams).
+# start_client connects one wsp client, allowed to reach the backend only
+# (HTTP requests to it, and CONNECT to its host:port), with room for every
+# wrk connection (poolmaxsize bounds concurrent streams).
 start_client() {
+	local backend_re=${BACKEND//./\\.} # single-quoted in YAML: backslashes stay
 	cat >"$WORK/client.yaml" <<-EOF
 		id: bench
 		targets: [ws://$SERVER/register]
@@ -171,11 +189,34 @@ start_client() {
 		logformat: text
 		whitelist:
 		  - url: "^http://$BACKEND/"
+		  - method: "^CONNECT\$"
+		    url: '^$backend_re\$'
 	EOF
 	"$ROOT/bin/wsp" client -config "$WORK/client.yaml" 2>"$WORK/client.log" &
 	CLIENT_PID=$!
 	PIDS+=("$CLIENT_PID")
+	PID_OF[client]=$CLIENT_PID
 	log "wsp client started (pid $CLIENT_PID)"
+}
+
+# start_forward sets FORWARD (host:port): `wsp forward` to the backend through
+# the server, one CONNECT tunnel per accepted connection. -listen on port 0;
+# the address is read from its "forwarding" log line. Its stderr, one line per
+# closed tunnel, goes to forward.log.
+start_forward() {
+	"$ROOT/bin/wsp" forward -server "http://$SERVER" -listen 127.0.0.1:0 -to "$BACKEND" \
+		2>"$WORK/forward.log" &
+	FORWARD_PID=$!
+	PIDS+=("$FORWARD_PID")
+	PID_OF[forward]=$FORWARD_PID
+	local line
+	line=$(wait_for_line "$WORK/forward.log" 'forwarding.*listen=127\.0\.0\.1:[0-9]+' 10) || {
+		alive "$FORWARD_PID" forward
+		die "wsp forward did not log its listen address"
+	}
+	FORWARD=$(grep -oE 'listen=127\.0\.0\.1:[0-9]+' <<<"$line" | head -n1)
+	FORWARD=${FORWARD#listen=}
+	log "wsp forward on $FORWARD to $BACKEND (pid $FORWARD_PID)"
 }
 
 # wait_relay polls a request through the relay until it answers 200, i.e.
@@ -191,6 +232,51 @@ wait_relay() {
 		sleep 0.1
 	done
 	die "no 200 through the relay after 10 s (last status $code)"
+}
+
+# wait_tunnel checks one request through a CONNECT tunnel (wsp forward) answers
+# 200; at most 10 s.
+wait_tunnel() {
+	local i code
+	for ((i = 0; i < 100; i++)); do
+		code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "http://$FORWARD/small" || true)
+		[[ $code == 200 ]] && return 0
+		relay_alive
+		sleep 0.1
+	done
+	die "no 200 through a CONNECT tunnel after 10 s (last status $code; see $WORK/forward.log)"
+}
+
+# relay_alive fails if the server, the client or the forward has died.
+relay_alive() {
+	alive "$SERVER_PID" server
+	alive "$CLIENT_PID" client
+	alive "$FORWARD_PID" forward
+}
+
+# tunnel_count closed|refused: tunnels `wsp forward` has logged so far.
+tunnel_count() {
+	grep -c "msg=\"tunnel $1\"" "$WORK/forward.log" || true
+}
+
+# open_tunnels: connections the forward has accepted and not yet closed,
+# i.e. sockets on its listen port other than the listener (0A) and TIME_WAIT
+# (06). It closes its side after the tunnel ended and was logged.
+open_tunnels() {
+	awk -v p="$(printf ':%04X' "${FORWARD##*:}")" '
+		NR > 1 && substr($2, length($2) - 4) == p && $4 != "0A" && $4 != "06" { n++ }
+		END { print n + 0 }' /proc/net/tcp
+}
+
+# wait_tunnels_closed: wait (at most 10 s) until every tunnel of the last run
+# has ended, so that their teardown is counted with that run and not the next.
+wait_tunnels_closed() {
+	local i
+	for ((i = 0; i < 100; i++)); do
+		(($(open_tunnels) == 0)) && return 0
+		sleep 0.1
+	done
+	log "warning: $(open_tunnels) tunnel(s) still open 10 s after wrk ended"
 }
 
 # ------------------------------------------------------------------ measure
@@ -247,29 +333,53 @@ run_wrk() {
 	}
 }
 
-# measure_point NAME PATH CONNS: RUNS × (direct, then through wsp).
+# measure_point NAME PATH CONNS: RUNS × (direct, through /request, through
+# a CONNECT tunnel).
 measure_point() {
-	local name=$1 path=$2 conns=$3 run s0 c0
-	log "$name: $RUNS × ${DURATION}s direct and through wsp"
+	local name=$1 path=$2 conns=$3 run t0
+	log "$name: $RUNS × ${DURATION}s direct, through /request and through CONNECT"
 	for ((run = 1; run <= RUNS; run++)); do
 		run_wrk "$WORK/wrk-$name-direct-$run.txt" "$conns" "http://$BACKEND$path"
 		record "$name/direct"
 
-		alive "$SERVER_PID" server
-		alive "$CLIENT_PID" client
-		s0=$(cpu_ticks "$SERVER_PID")
-		c0=$(cpu_ticks "$CLIENT_PID")
+		relay_alive
+		cpu_start wsp
 		run_wrk "$WORK/wrk-$name-wsp-$run.txt" "$conns" "http://$SERVER/request" \
 			"X-PROXY-DESTINATION: http://$BACKEND$path"
 		record "$name/wsp"
-		if [[ $name == "$CPU_POINT" ]]; then
-			# Summed over runs, then divided once: ticks are 10 ms coarse,
-			# so the total is a better estimate than a median of small parts.
-			CPU_TICKS_SERVER=$((CPU_TICKS_SERVER + $(cpu_ticks "$SERVER_PID") - s0))
-			CPU_TICKS_CLIENT=$((CPU_TICKS_CLIENT + $(cpu_ticks "$CLIENT_PID") - c0))
-			CPU_REQUESTS=$((CPU_REQUESTS + W_REQUESTS))
-		fi
+		if [[ $name == "$CPU_POINT" ]]; then cpu_end wsp; fi
+
+		relay_alive
+		t0=$(($(tunnel_count closed) + $(tunnel_count refused)))
+		cpu_start connect
+		run_wrk "$WORK/wrk-$name-connect-$run.txt" "$conns" "http://$FORWARD$path"
+		record "$name/connect"
+		# wrk has closed its connections; wait for their tunnels to end so
+		# the teardown is counted here and not in the next run. (wrk opens
+		# one extra connection per run to check the address: tunnels =
+		# connections + 1.)
+		wait_tunnels_closed
+		TUNNELS[$name]=$((${TUNNELS[$name]:-0} + $(tunnel_count closed) + $(tunnel_count refused) - t0))
+		if [[ $name == "$CPU_POINT" ]]; then cpu_end connect; fi
 	done
+}
+
+# cpu_start MODE / cpu_end MODE: add the CPU ticks the mode's processes spent
+# in between (and the run's requests) to CPU. Summed over runs, then divided
+# once: ticks are 10 ms coarse, so the total is a better estimate than a
+# median of small parts.
+cpu_start() {
+	local proc
+	for proc in ${MODE_PROCS[$1]}; do
+		CPU0[$proc]=$(cpu_ticks "${PID_OF[$proc]}")
+	done
+}
+cpu_end() {
+	local proc
+	for proc in ${MODE_PROCS[$1]}; do
+		CPU[$1/$proc]=$((${CPU[$1/$proc]:-0} + $(cpu_ticks "${PID_OF[$proc]}") - ${CPU0[$proc]}))
+	done
+	CPU[$1/requests]=$((${CPU[$1/requests]:-0} + W_REQUESTS))
 }
 
 record() {
@@ -290,60 +400,89 @@ calc() { awk "BEGIN { printf \"$1\", $2 }"; }
 # ------------------------------------------------------------------- report
 
 report() {
-	local clk rss_s rss_c hwm_s hwm_c
+	local clk proc
 	clk=$(getconf CLK_TCK)
-	rss_s=$(status_kib "$SERVER_PID" VmRSS)
-	rss_c=$(status_kib "$CLIENT_PID" VmRSS)
-	hwm_s=$(status_kib "$SERVER_PID" VmHWM)
-	hwm_c=$(status_kib "$CLIENT_PID" VmHWM)
+	local -A rss=() hwm=()
+	for proc in server client forward; do
+		rss[$proc]=$(status_kib "${PID_OF[$proc]}" VmRSS)
+		hwm[$proc]=$(status_kib "${PID_OF[$proc]}" VmHWM)
+	done
 
-	local cpu_s=0 cpu_c=0 cpu_t=0
-	if ((CPU_REQUESTS > 0)); then
-		cpu_s=$(calc '%.1f' "$CPU_TICKS_SERVER * 1e6 / $clk / $CPU_REQUESTS")
-		cpu_c=$(calc '%.1f' "$CPU_TICKS_CLIENT * 1e6 / $clk / $CPU_REQUESTS")
-		cpu_t=$(calc '%.1f' "($CPU_TICKS_SERVER + $CPU_TICKS_CLIENT) * 1e6 / $clk / $CPU_REQUESTS")
-	fi
+	# CPU per request (µs) at CPU_POINT: cpu[$mode/$proc] and cpu[$mode/total].
+	local -A cpu=()
+	local mode ticks reqs total
+	for mode in wsp connect; do
+		reqs=${CPU[$mode/requests]:-0}
+		total=0
+		for proc in ${MODE_PROCS[$mode]}; do
+			ticks=${CPU[$mode/$proc]:-0}
+			total=$((total + ticks))
+			cpu[$mode/$proc]=$(calc '%.1f' "($reqs > 0) ? $ticks * 1e6 / $clk / $reqs : 0")
+		done
+		cpu[$mode/total]=$(calc '%.1f' "($reqs > 0) ? $total * 1e6 / $clk / $reqs : 0")
+	done
+	# The relay+client part of connect, comparable with /request's total.
+	reqs=${CPU[connect/requests]:-0}
+	cpu[connect/relay]=$(calc '%.1f' "($reqs > 0) ? (${CPU[connect/server]:-0} + ${CPU[connect/client]:-0}) * 1e6 / $clk / $reqs : 0")
 
-	local p50_d p50_w p50_add
-	# shellcheck disable=SC2086 # word splitting of the run lists is intended
-	p50_d=$(median ${P50[$P50_POINT/direct]})
-	# shellcheck disable=SC2086
-	p50_w=$(median ${P50[$P50_POINT/wsp]})
-	p50_add=$(calc '%.0f' "$p50_w - $p50_d")
+	# Added p50 at P50_POINT.
+	local -A p50=() added=()
+	for mode in direct wsp connect; do
+		# shellcheck disable=SC2086 # word splitting of the run lists is intended
+		p50[$mode]=$(median ${P50[$P50_POINT/$mode]})
+	done
+	for mode in wsp connect; do
+		added[$mode]=$(calc '%.0f' "${p50[$mode]} - ${p50[direct]}")
+	done
 
-	local entry name path conns d w ratio json_points="" ratios=()
+	local entry name path conns d w c rw rc json_points="" ratios_w=() ratios_c=()
 	echo
 	echo "wsp bench: ${DURATION}s per run, median of $RUNS run(s), $(nproc) CPU(s), $(wrk --version 2>&1 | head -n1 | awk '{ print $1, $2 }')"
+	echo "request = GET /request on the server; connect = wsp forward, one CONNECT tunnel per wrk connection"
 	echo "wsp server access logging: on (INFO, one line per request, to $WORK/server.log)"
 	echo
-	printf '%-12s %14s %14s %8s %10s\n' point "direct req/s" "wsp req/s" ratio "errors d/w"
+	printf '%-10s %10s %10s %6s %10s %6s %10s\n' "" direct request "" connect "" errors
+	printf '%-10s %10s %10s %6s %10s %6s %10s\n' point "req/s" "req/s" ratio "req/s" ratio "d/r/c"
 	for entry in "${POINTS[@]}"; do
 		read -r name path conns <<<"$entry"
 		# shellcheck disable=SC2086
 		d=$(median ${RPS[$name/direct]})
 		# shellcheck disable=SC2086
 		w=$(median ${RPS[$name/wsp]})
-		ratio=$(calc '%.4f' "($d > 0) ? $w / $d : 0")
-		# Rounded once, so the table and the issue-8 row agree.
-		ratios+=("$(calc '%.2f' "($d > 0) ? $w / $d : 0")")
-		printf '%-12s %14.0f %14.0f %8s %10s\n' "$name" "$d" "$w" "${ratios[-1]}" \
-			"${ERRS[$name/direct]}/${ERRS[$name/wsp]}"
+		# shellcheck disable=SC2086
+		c=$(median ${RPS[$name/connect]})
+		rw=$(calc '%.4f' "($d > 0) ? $w / $d : 0")
+		rc=$(calc '%.4f' "($d > 0) ? $c / $d : 0")
+		# Rounded once, so the table and the issue-8 rows agree.
+		ratios_w+=("$(calc '%.2f' "$rw")")
+		ratios_c+=("$(calc '%.2f' "$rc")")
+		printf '%-10s %10.0f %10.0f %6s %10.0f %6s %10s\n' "$name" "$d" "$w" "${ratios_w[-1]}" \
+			"$c" "${ratios_c[-1]}" "${ERRS[$name/direct]}/${ERRS[$name/wsp]}/${ERRS[$name/connect]}"
 		json_points+="${json_points:+,}
     {\"name\": \"$name\", \"path\": \"$path\", \"connections\": $conns, \"threads\": $(((conns == 1) ? 1 : 2)),
-     \"direct_rps\": $d, \"wsp_rps\": $w, \"ratio\": $ratio,
-     \"direct_rps_runs\": [$(join_csv ${RPS[$name/direct]})], \"wsp_rps_runs\": [$(join_csv ${RPS[$name/wsp]})],
-     \"direct_p50_us_runs\": [$(join_csv ${P50[$name/direct]})], \"wsp_p50_us_runs\": [$(join_csv ${P50[$name/wsp]})],
-     \"direct_errors\": ${ERRS[$name/direct]}, \"wsp_errors\": ${ERRS[$name/wsp]}}"
+     \"direct_rps\": $d, \"wsp_rps\": $w, \"ratio\": $rw, \"connect_rps\": $c, \"connect_ratio\": $rc,
+     \"direct_rps_runs\": [$(join_csv ${RPS[$name/direct]})], \"wsp_rps_runs\": [$(join_csv ${RPS[$name/wsp]})], \"connect_rps_runs\": [$(join_csv ${RPS[$name/connect]})],
+     \"direct_p50_us_runs\": [$(join_csv ${P50[$name/direct]})], \"wsp_p50_us_runs\": [$(join_csv ${P50[$name/wsp]})], \"connect_p50_us_runs\": [$(join_csv ${P50[$name/connect]})],
+     \"direct_errors\": ${ERRS[$name/direct]}, \"wsp_errors\": ${ERRS[$name/wsp]}, \"connect_errors\": ${ERRS[$name/connect]},
+     \"connect_tunnels\": ${TUNNELS[$name]:-0}}"
 	done
+	local refused
+	refused=$(tunnel_count refused)
 	echo
-	printf 'added p50 at c=1 (small): +%s µs  (direct %s µs, wsp %s µs)\n' "$p50_add" "$p50_d" "$p50_w"
-	printf 'CPU per request at c=64 (small): %s µs  (server %s + client %s; %d requests)\n' \
-		"$cpu_t" "$cpu_s" "$cpu_c" "$CPU_REQUESTS"
-	printf 'RSS after load: server %.1f MiB, client %.1f MiB  (peak: server %.1f, client %.1f MiB)\n' \
-		"$(calc '%.2f' "$rss_s / 1024")" "$(calc '%.2f' "$rss_c / 1024")" \
-		"$(calc '%.2f' "$hwm_s / 1024")" "$(calc '%.2f' "$hwm_c / 1024")"
+	printf 'added p50 at c=1 (small):         request +%s µs, connect +%s µs  (p50: direct %s, request %s, connect %s µs)\n' \
+		"${added[wsp]}" "${added[connect]}" "${p50[direct]}" "${p50[wsp]}" "${p50[connect]}"
+	printf 'CPU per request at c=64 (small):  request %s µs  (server %s + client %s; %d requests)\n' \
+		"${cpu[wsp/total]}" "${cpu[wsp/server]}" "${cpu[wsp/client]}" "${CPU[wsp/requests]:-0}"
+	printf '                                  connect %s µs  (server %s + client %s + forward %s; %d requests)\n' \
+		"${cpu[connect/total]}" "${cpu[connect/server]}" "${cpu[connect/client]}" "${cpu[connect/forward]}" "${CPU[connect/requests]:-0}"
+	printf 'RSS after load: server %.1f, client %.1f, forward %.1f MiB  (peak: %.1f, %.1f, %.1f MiB)\n' \
+		"$(calc '%.2f' "${rss[server]} / 1024")" "$(calc '%.2f' "${rss[client]} / 1024")" "$(calc '%.2f' "${rss[forward]} / 1024")" \
+		"$(calc '%.2f' "${hwm[server]} / 1024")" "$(calc '%.2f' "${hwm[client]} / 1024")" "$(calc '%.2f' "${hwm[forward]} / 1024")"
+	printf 'CONNECT tunnels: %d closed, %d refused (%s)\n' "$(tunnel_count closed)" "$refused" "$WORK/forward.log"
 	echo
-	echo "issue-8 row: ${ratios[0]} / ${ratios[1]} / ${ratios[2]} | +$p50_add µs | ${ratios[3]} / ${ratios[4]} | $cpu_t µs | $(calc '%.0f' "$rss_s / 1024") MiB"
+	echo "issue-8 rows (small c=1/16/64 | added p50 | 10 MiB c=1/8 | CPU per request c=64 | server RSS):"
+	echo "  /request: ${ratios_w[0]} / ${ratios_w[1]} / ${ratios_w[2]} | +${added[wsp]} µs | ${ratios_w[3]} / ${ratios_w[4]} | ${cpu[wsp/total]} µs | $(calc '%.0f' "${rss[server]} / 1024") MiB"
+	echo "  CONNECT:  ${ratios_c[0]} / ${ratios_c[1]} / ${ratios_c[2]} | +${added[connect]} µs | ${ratios_c[3]} / ${ratios_c[4]} | ${cpu[connect/total]} µs (server+client ${cpu[connect/relay]}, forward ${cpu[connect/forward]}) |"
 	echo
 
 	cat >"$RESULTS" <<-EOF
@@ -355,11 +494,14 @@ report() {
 		  "runs": $RUNS,
 		  "statistic": "median of runs",
 		  "access_log": true,
+		  "modes": {"direct": "wrk to the backend", "wsp": "GET /request + X-PROXY-DESTINATION", "connect": "wsp forward: one CONNECT tunnel per wrk connection"},
 		  "points": [$json_points
 		  ],
-		  "added_p50_c1_us": {"direct": $p50_d, "wsp": $p50_w, "added": $p50_add},
-		  "cpu_us_per_request_c64": {"total": $cpu_t, "server": $cpu_s, "client": $cpu_c, "requests": $CPU_REQUESTS, "clk_tck": $clk},
-		  "rss_after_load_kib": {"server": $rss_s, "client": $rss_c, "server_peak": $hwm_s, "client_peak": $hwm_c}
+		  "added_p50_c1_us": {"direct": ${p50[direct]}, "wsp": ${p50[wsp]}, "added": ${added[wsp]}, "connect": ${p50[connect]}, "connect_added": ${added[connect]}},
+		  "cpu_us_per_request_c64": {"total": ${cpu[wsp/total]}, "server": ${cpu[wsp/server]}, "client": ${cpu[wsp/client]}, "requests": ${CPU[wsp/requests]:-0}, "clk_tck": $clk},
+		  "connect_cpu_us_per_request_c64": {"total": ${cpu[connect/total]}, "server": ${cpu[connect/server]}, "client": ${cpu[connect/client]}, "forward": ${cpu[connect/forward]}, "server_plus_client": ${cpu[connect/relay]}, "requests": ${CPU[connect/requests]:-0}, "clk_tck": $clk},
+		  "rss_after_load_kib": {"server": ${rss[server]}, "client": ${rss[client]}, "forward": ${rss[forward]}, "server_peak": ${hwm[server]}, "client_peak": ${hwm[client]}, "forward_peak": ${hwm[forward]}},
+		  "connect_tunnels": {"closed": $(tunnel_count closed), "refused": $refused}
 		}
 	EOF
 	log "wrote $RESULTS"
@@ -383,14 +525,15 @@ main() {
 	start_server
 	start_client
 	wait_relay
+	start_forward
+	wait_tunnel
 
 	local entry name path conns
 	for entry in "${POINTS[@]}"; do
 		read -r name path conns <<<"$entry"
 		measure_point "$name" "$path" "$conns"
 	done
-	alive "$SERVER_PID" server
-	alive "$CLIENT_PID" client
+	relay_alive
 	report
 }
 
