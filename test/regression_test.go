@@ -171,3 +171,63 @@ func TestPostNotReplayedOnStaleConnection(t *testing.T) {
 		t.Fatalf("POST on a stale connection: %d, executed %d times; want 502, once", resp.StatusCode, posts.Load())
 	}
 }
+
+// TestUploadToStalledDestinationBounded: a destination that stops reading
+// a request body (and never answers) fails the request after headertimeout
+// of no progress, instead of holding it for ever.
+func TestUploadToStalledDestinationBounded(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	held := make(chan net.Conn, 4)
+	done := make(chan struct{})
+	t.Cleanup(func() {
+		ln.Close()
+		<-done
+		close(held)
+		for c := range held {
+			c.Close()
+		}
+	})
+	go func() {
+		defer close(done)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Read(make([]byte, 1024)) // the head, then nothing more
+			select {
+			case held <- c:
+			default:
+				c.Close()
+			}
+		}
+	}()
+	r := startServer(t, serverConfig(), nil)
+	cfg := clientConfig(r, "c1")
+	cfg.HeaderTimeout = config.Duration(300 * time.Millisecond)
+	startClient(t, cfg)
+	start := time.Now()
+	resp := do(t, r.request(t, "POST", "http://"+ln.Addr().String()+"/", strings.NewReader(strings.Repeat("u", 64<<20))))
+	readAll(t, resp.Body)
+	if resp.StatusCode < 500 || time.Since(start) > 20*time.Second {
+		t.Fatalf("upload to a stalled destination: %d after %v", resp.StatusCode, time.Since(start))
+	}
+}
+
+// TestUpgradeWithBodyRefused: an upgrade request carrying a body is refused
+// before it goes anywhere.
+func TestUpgradeWithBodyRefused(t *testing.T) {
+	r := startServer(t, serverConfig(), nil)
+	startClient(t, clientConfig(r, "c1"))
+	b := backend(t, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { t.Error("the destination was reached") }))
+	req := r.request(t, "POST", b.URL, strings.NewReader("body"))
+	req.Header.Set("Connection", "Upgrade")
+	req.Header.Set("Upgrade", "websocket")
+	resp := do(t, req)
+	if msg := readAll(t, resp.Body); resp.StatusCode != 400 || !strings.Contains(msg, "upgrade") {
+		t.Fatalf("upgrade with a body: %d %q", resp.StatusCode, msg)
+	}
+}

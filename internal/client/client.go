@@ -252,6 +252,9 @@ func (c *Client) dial(ctx context.Context, target string) (*tunnel.Session, stri
 		mu.Lock()
 		conn = cn
 		mu.Unlock()
+		if cn != nil && ctx.Err() != nil {
+			cn.SetDeadline(time.Now()) // cancelled before conn was set
+		}
 		return cn, err
 	}
 	stop := context.AfterFunc(ctx, func() {

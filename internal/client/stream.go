@@ -169,6 +169,11 @@ func (c *Client) admit(req *http.Request) *httperr.Error {
 		return httperr.New(http.StatusForbidden, httperr.ClientRefused, "refused by the rules of client %q: %s %s: %s", c.cfg.ID, req.Method, redact(u), err)
 	}
 	upgrade := upgradeType(req.Header)
+	if upgrade != "" && req.Body != nil && req.Body != http.NoBody {
+		// After a 101 the stream is a byte pipe: a body in flight would
+		// mix into it.
+		return httperr.New(http.StatusBadRequest, httperr.BadRequest, "client %q: a protocol upgrade cannot carry a request body", c.cfg.ID)
+	}
 	for name := range req.Header {
 		if strings.HasPrefix(name, "X-Proxy-") {
 			delete(req.Header, name)
@@ -267,6 +272,9 @@ func (x *exchange) run() (keep bool) {
 	var resp *http.Response
 	var bc *backendConn
 	for attempt := 0; ; attempt++ {
+		x.mu.Lock()
+		x.headDone = false // a retry waits for its own answer head
+		x.mu.Unlock()
 		// Connecting, TLS handshake included, is bounded as a whole.
 		ctx, cancel := context.WithTimeout(context.Background(), x.c.cfg.DialTimeout.D())
 		var reused bool
@@ -323,6 +331,17 @@ func (x *exchange) run() (keep bool) {
 		bc.Close()
 	}
 	return keep
+}
+
+// progressWriter gives every write d to complete.
+type progressWriter struct {
+	conn net.Conn
+	d    time.Duration
+}
+
+func (w progressWriter) Write(p []byte) (int, error) {
+	w.conn.SetWriteDeadline(time.Now().Add(w.d))
+	return w.conn.Write(p)
 }
 
 // startHeaderTimeout bounds the wait for the destination's answer head,
@@ -495,9 +514,21 @@ func (x *exchange) respond(resp *http.Response, bc *backendConn) (complete bool)
 // the request is cancelled and the destination sees its connection closed.
 func (x *exchange) watch(bc *backendConn, sent chan<- error) {
 	if bc != nil {
+		// A destination that stops reading the body must not hold this
+		// goroutine for ever: each write has to make progress within
+		// headertimeout.
+		d := x.c.cfg.HeaderTimeout.D()
+		if d > 0 {
+			bc.bw.Reset(progressWriter{bc.Conn, d})
+		}
 		err := x.req.Write(bc.bw)
 		if err == nil {
 			err = bc.bw.Flush()
+		}
+		if d > 0 {
+			// Before run may pool bc (it waits for sent): as it was.
+			bc.bw.Reset(bc.Conn)
+			bc.SetWriteDeadline(time.Time{})
 		}
 		if err == nil {
 			x.startHeaderTimeout(bc)

@@ -222,7 +222,7 @@ func (t *transport) exchange(req *http.Request, s *session, st *yamux.Stream, re
 		}
 		return fail(broken(err))
 	}
-	b := &streamBody{ReadCloser: resp.Body, br: br, st: st, resp: resp, sent: sent, done: func(reuse bool) {
+	b := &streamBody{ReadCloser: resp.Body, br: br, st: st, resp: resp, sent: sent, upgradeAsked: upgradeType(req.Header) != "", done: func(reuse bool) {
 		if !stop() {
 			reuse = false // the app went away and the stream is closed
 		}
@@ -250,6 +250,11 @@ func (t *transport) exchange(req *http.Request, s *session, st *yamux.Stream, re
 		resp.Body = b
 	}
 	body.Store(b)
+	if req.Context().Err() != nil {
+		// The app went away before the body was stored for the
+		// AfterFunc: free the slot here.
+		b.finish(false)
+	}
 	return resp, nil
 }
 
@@ -270,14 +275,17 @@ func upgradeType(h http.Header) string {
 // the next request; it is idempotent.
 type streamBody struct {
 	io.ReadCloser
-	br        *bufio.Reader // recycled on Close; nil when it must not be
-	st        *yamux.Stream
-	resp      *http.Response
-	sent      chan error // nil when the request went out whole before the answer was read
-	sawEOF    bool       // the body was read to its end; Read's and Close's goroutine only
-	once      sync.Once  // for finish
-	closeOnce sync.Once
-	done      func(reuse bool)
+	br     *bufio.Reader // recycled on Close; nil when it must not be
+	st     *yamux.Stream
+	resp   *http.Response
+	sent   chan error // nil when the request went out whole before the answer was read
+	sawEOF bool       // the body was read to its end; Read's and Close's goroutine only
+	// upgradeAsked: the request asked to switch protocols; the client never
+	// keeps such a stream, whatever the answer.
+	upgradeAsked bool
+	once         sync.Once // for finish
+	closeOnce    sync.Once
+	done         func(reuse bool)
 }
 
 func (b *streamBody) Read(p []byte) (int, error) {
@@ -291,7 +299,7 @@ func (b *streamBody) Read(p []byte) (int, error) {
 // Close is called by the body's reader, once done reading.
 func (b *streamBody) Close() error {
 	b.closeOnce.Do(func() {
-		reuse := b.sawEOF && !b.resp.Close && b.br != nil && b.br.Buffered() == 0 && b.requestSent()
+		reuse := b.sawEOF && !b.resp.Close && b.br != nil && b.br.Buffered() == 0 && b.requestSent() && !b.upgradeAsked
 		b.ReadCloser.Close()
 		b.finish(reuse)
 		if b.br != nil {
