@@ -95,7 +95,7 @@ func (c *Client) serve1(st net.Conn, br *bufio.Reader, bw *bufio.Writer, req *ht
 	switch {
 	case req.Method == http.MethodConnect:
 		kind = "connect"
-	case upgradeType(req.Header) != "":
+	case tunnel.UpgradeType(req.Header) != "":
 		kind = "upgrade"
 	}
 	if e := c.admit(req); e != nil {
@@ -111,7 +111,7 @@ func (c *Client) serve1(st net.Conn, br *bufio.Reader, bw *bufio.Writer, req *ht
 		c.metrics.Request(kind, c.connect(st, br, bw, req))
 		return false, nil
 	}
-	x := &exchange{c: c, st: st, br: br, bw: bw, req: req, upgrade: upgradeType(req.Header)}
+	x := &exchange{c: c, st: st, br: br, bw: bw, req: req, upgrade: tunnel.UpgradeType(req.Header)}
 	keep := x.run()
 	c.metrics.Request(kind, x.status)
 	return keep, x
@@ -140,18 +140,6 @@ func (c *Client) connect(st net.Conn, br *bufio.Reader, bw *bufio.Writer, req *h
 	return http.StatusOK
 }
 
-// upgradeType is the protocol a request asks to switch to, or "".
-func upgradeType(h http.Header) string {
-	for _, v := range h["Connection"] {
-		for _, tok := range strings.Split(v, ",") {
-			if strings.EqualFold(textproto.TrimString(tok), "upgrade") {
-				return h.Get("Upgrade")
-			}
-		}
-	}
-	return ""
-}
-
 // admit checks a request before any byte of it goes anywhere. Rules match
 // the URL, or host:port for CONNECT.
 func (c *Client) admit(req *http.Request) *httperr.Error {
@@ -168,7 +156,7 @@ func (c *Client) admit(req *http.Request) *httperr.Error {
 	if err := c.rules.Check(req.Method, target, req.Header); err != nil {
 		return httperr.New(http.StatusForbidden, httperr.ClientRefused, "refused by the rules of client %q: %s %s: %s", c.cfg.ID, req.Method, redact(u), err)
 	}
-	upgrade := upgradeType(req.Header)
+	upgrade := tunnel.UpgradeType(req.Header)
 	if upgrade != "" && req.Body != nil && req.Body != http.NoBody {
 		// After a 101 the stream is a byte pipe: a body in flight would
 		// mix into it.

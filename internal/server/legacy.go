@@ -198,7 +198,7 @@ var errLegacyUnsent = errors.New("legacy connection closed before the request wa
 // away or the answer is late, the connection is closed (the old client
 // opens another).
 func (c *legacyConn) roundTrip(req *http.Request, clientID string) (*http.Response, error) {
-	if upgradeType(req.Header) != "" {
+	if tunnel.UpgradeType(req.Header) != "" {
 		return nil, httperr.New(http.StatusBadGateway, httperr.ClientError, "client %q speaks the legacy protocol, which cannot carry protocol upgrades (WebSocket)", clientID)
 	}
 	var body []byte

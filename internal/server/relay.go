@@ -185,7 +185,7 @@ func (s *Server) admit(r *http.Request, x *exchange, target, host string) *httpe
 	if e := s.authenticate(r, x.entry != "request"); e != nil {
 		return e
 	}
-	if upgradeType(r.Header) != "" && r.Body != nil && r.Body != http.NoBody && r.ContentLength != 0 {
+	if tunnel.UpgradeType(r.Header) != "" && r.Body != nil && r.Body != http.NoBody && r.ContentLength != 0 {
 		// After a 101 the stream is a byte pipe: a body in flight would
 		// mix into it.
 		return httperr.New(http.StatusBadRequest, httperr.BadRequest, "a protocol upgrade cannot carry a request body")

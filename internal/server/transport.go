@@ -222,7 +222,7 @@ func (t *transport) exchange(req *http.Request, s *session, st *yamux.Stream, re
 		}
 		return fail(broken(err))
 	}
-	b := &streamBody{ReadCloser: resp.Body, br: br, st: st, resp: resp, sent: sent, upgradeAsked: upgradeType(req.Header) != "", done: func(reuse bool) {
+	b := &streamBody{ReadCloser: resp.Body, br: br, st: st, resp: resp, sent: sent, upgradeAsked: tunnel.UpgradeType(req.Header) != "", done: func(reuse bool) {
 		if !stop() {
 			reuse = false // the app went away and the stream is closed
 		}
@@ -237,7 +237,7 @@ func (t *transport) exchange(req *http.Request, s *session, st *yamux.Stream, re
 		t.reg.release(s)
 	}}
 	if resp.StatusCode == http.StatusSwitchingProtocols {
-		if want := upgradeType(req.Header); want == "" || !strings.EqualFold(want, resp.Header.Get("Upgrade")) {
+		if want := tunnel.UpgradeType(req.Header); want == "" || !strings.EqualFold(want, resp.Header.Get("Upgrade")) {
 			// ReverseProxy would refuse it without closing the body.
 			b.Close()
 			return nil, httperr.New(http.StatusBadGateway, httperr.DestinationBroken, "the destination switched to protocol %q when %q was asked for", resp.Header.Get("Upgrade"), want)
@@ -256,18 +256,6 @@ func (t *transport) exchange(req *http.Request, s *session, st *yamux.Stream, re
 		b.finish(false)
 	}
 	return resp, nil
-}
-
-// upgradeType is the protocol a request asks to switch to, or "".
-func upgradeType(h http.Header) string {
-	for _, v := range h["Connection"] {
-		for _, tok := range strings.Split(v, ",") {
-			if strings.EqualFold(strings.TrimSpace(tok), "upgrade") {
-				return h.Get("Upgrade")
-			}
-		}
-	}
-	return ""
 }
 
 // streamBody is a response body read from a stream. Close frees the

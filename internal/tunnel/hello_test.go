@@ -168,3 +168,23 @@ func FuzzParseHello(f *testing.F) {
 		}
 	})
 }
+
+func TestUpgradeType(t *testing.T) {
+	for _, tc := range []struct {
+		conn, upgrade, want string
+	}{
+		{"Upgrade", "websocket", "websocket"},
+		{"keep-alive, upgrade", "h2c", "h2c"},
+		{"keep-alive", "websocket", ""},
+		{"", "websocket", ""},
+	} {
+		h := http.Header{}
+		if tc.conn != "" {
+			h.Set("Connection", tc.conn)
+		}
+		h.Set("Upgrade", tc.upgrade)
+		if got := UpgradeType(h); got != tc.want {
+			t.Errorf("Connection %q Upgrade %q: %q, want %q", tc.conn, tc.upgrade, got, tc.want)
+		}
+	}
+}
