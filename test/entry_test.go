@@ -85,28 +85,14 @@ func TestConnectCarriesHTTPS(t *testing.T) {
 // answers with what it read, reversed in order of lines, and closes.
 func halfCloseEcho(t *testing.T) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				data, _ := io.ReadAll(c) // until the half-close
-				lines := strings.Split(strings.TrimSpace(string(data)), "\n")
-				for i := len(lines) - 1; i >= 0; i-- {
-					fmt.Fprintln(c, lines[i])
-				}
-			}()
+	return rawDestination(t, func(c net.Conn) {
+		defer c.Close()
+		data, _ := io.ReadAll(c) // until the half-close
+		lines := strings.Split(strings.TrimSpace(string(data)), "\n")
+		for i := len(lines) - 1; i >= 0; i-- {
+			fmt.Fprintln(c, lines[i])
 		}
-	}()
-	return ln.Addr().String()
+	})
 }
 
 func TestConnectRawTCPWithHalfClose(t *testing.T) {

@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -33,30 +34,17 @@ func TestManyPostsDoNotExhaustStreams(t *testing.T) {
 // request that asked for no upgrade gets a 502, and the session's slot is
 // freed.
 func TestUnaskedSwitchDoesNotLeakSlot(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				buf := make([]byte, 4096)
-				c.Read(buf)
-				io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
-				c.Read(buf)
-			}()
-		}
-	}()
+	dest := rawDestination(t, func(c net.Conn) {
+		defer c.Close()
+		buf := make([]byte, 4096)
+		c.Read(buf)
+		io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+		c.Read(buf)
+	})
 	r := startServer(t, serverConfig(), nil)
 	startClient(t, clientConfig(r, "c1"))
 	for range 3 {
-		resp := do(t, r.request(t, "GET", "http://"+ln.Addr().String()+"/", nil))
+		resp := do(t, r.request(t, "GET", "http://"+dest+"/", nil))
 		if readAll(t, resp.Body); resp.StatusCode != 502 {
 			t.Fatalf("unasked 101: %d, want 502", resp.StatusCode)
 		}
@@ -92,40 +80,13 @@ func TestSlowUploadWithinHeaderTimeout(t *testing.T) {
 // TestSilentTLSDestinationBounded: a destination that accepts TCP and never
 // answers the TLS handshake is given up on after dialtimeout.
 func TestSilentTLSDestinationBounded(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	held := make(chan net.Conn, 16)
-	done := make(chan struct{})
-	t.Cleanup(func() {
-		ln.Close()
-		<-done
-		close(held)
-		for c := range held {
-			c.Close()
-		}
-	})
-	go func() {
-		defer close(done)
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			select {
-			case held <- c: // held open, silent
-			default:
-				c.Close()
-			}
-		}
-	}()
+	dest := rawDestination(t, func(net.Conn) {}) // held open, silent
 	r := startServer(t, serverConfig(), nil)
 	cfg := clientConfig(r, "c1")
 	cfg.DialTimeout = config.Duration(300 * time.Millisecond)
 	startClient(t, cfg)
 	start := time.Now()
-	resp := do(t, r.request(t, "GET", "https://"+ln.Addr().String()+"/", nil))
+	resp := do(t, r.request(t, "GET", "https://"+dest+"/", nil))
 	readAll(t, resp.Body)
 	if resp.StatusCode != 504 || time.Since(start) > 5*time.Second {
 		t.Fatalf("silent TLS destination: %d after %v", resp.StatusCode, time.Since(start))
@@ -136,34 +97,21 @@ func TestSilentTLSDestinationBounded(t *testing.T) {
 // turns out closed is not sent a second time.
 func TestPostNotReplayedOnStaleConnection(t *testing.T) {
 	var posts atomic.Int32
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				buf := make([]byte, 4096)
-				// First request: answered, connection kept.
-				c.Read(buf)
-				io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-				// Second: read, then closed unanswered, as a server
-				// closing an idle connection at the same moment would.
-				if n, _ := c.Read(buf); n > 0 && strings.HasPrefix(string(buf[:n]), "POST") {
-					posts.Add(1)
-				}
-			}()
+	addr := rawDestination(t, func(c net.Conn) {
+		defer c.Close()
+		buf := make([]byte, 4096)
+		// First request: answered, connection kept.
+		c.Read(buf)
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+		// Second: read, then closed unanswered, as a server closing an
+		// idle connection at the same moment would.
+		if n, _ := c.Read(buf); n > 0 && strings.HasPrefix(string(buf[:n]), "POST") {
+			posts.Add(1)
 		}
-	}()
+	})
 	r := startServer(t, serverConfig(), nil)
 	startClient(t, clientConfig(r, "c1"))
-	dest := "http://" + ln.Addr().String() + "/"
+	dest := "http://" + addr + "/"
 	readAll(t, do(t, r.request(t, "GET", dest, nil)).Body)
 	resp := do(t, r.request(t, "POST", dest, nil))
 	readAll(t, resp.Body)
@@ -176,41 +124,15 @@ func TestPostNotReplayedOnStaleConnection(t *testing.T) {
 // a request body (and never answers) fails the request after headertimeout
 // of no progress, instead of holding it for ever.
 func TestUploadToStalledDestinationBounded(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	held := make(chan net.Conn, 4)
-	done := make(chan struct{})
-	t.Cleanup(func() {
-		ln.Close()
-		<-done
-		close(held)
-		for c := range held {
-			c.Close()
-		}
+	dest := rawDestination(t, func(c net.Conn) {
+		c.Read(make([]byte, 1024)) // the head, then nothing more
 	})
-	go func() {
-		defer close(done)
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Read(make([]byte, 1024)) // the head, then nothing more
-			select {
-			case held <- c:
-			default:
-				c.Close()
-			}
-		}
-	}()
 	r := startServer(t, serverConfig(), nil)
 	cfg := clientConfig(r, "c1")
 	cfg.HeaderTimeout = config.Duration(300 * time.Millisecond)
 	startClient(t, cfg)
 	start := time.Now()
-	resp := do(t, r.request(t, "POST", "http://"+ln.Addr().String()+"/", strings.NewReader(strings.Repeat("u", 64<<20))))
+	resp := do(t, r.request(t, "POST", "http://"+dest+"/", strings.NewReader(strings.Repeat("u", 64<<20))))
 	readAll(t, resp.Body)
 	if resp.StatusCode < 500 || time.Since(start) > 20*time.Second {
 		t.Fatalf("upload to a stalled destination: %d after %v", resp.StatusCode, time.Since(start))
@@ -230,4 +152,46 @@ func TestUpgradeWithBodyRefused(t *testing.T) {
 	if msg := readAll(t, resp.Body); resp.StatusCode != 400 || !strings.Contains(msg, "upgrade") {
 		t.Fatalf("upgrade with a body: %d %q", resp.StatusCode, msg)
 	}
+}
+
+// rawDestination is a TCP destination that runs serve on each connection
+// it accepts. The test's end closes the listener and every connection and
+// waits for the goroutines.
+func rawDestination(t *testing.T, serve func(net.Conn)) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var conns []net.Conn
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				serve(c)
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	return ln.Addr().String()
 }
