@@ -57,6 +57,10 @@ type Server struct {
 	MaxMessageBytes int      `yaml:"maxmessagebytes"`
 	LegacyTimeout   Duration `yaml:"legacytimeout"`
 
+	// Cluster is how this node works with other server nodes behind one
+	// load balancer (docs/scaling.md).
+	Cluster Cluster `yaml:"cluster"`
+
 	src source // where the values came from, for error lines
 }
 
@@ -66,6 +70,27 @@ type Route struct {
 	Host   string `yaml:"host"`   // unanchored regex on the destination's host[:port] as written
 	Client string `yaml:"client"` // the pool id
 }
+
+// Cluster configures a server that is one of several nodes. Without redis
+// the nodes share nothing and every client holds a session to each (Nodes
+// tells clients how many to look for); with redis, nodes record which
+// client ids they hold and forward requests for the others.
+type Cluster struct {
+	// Node names this node in the 101 answer to clients, in Via headers and
+	// in the directory; default: the host name and a random suffix.
+	Node string `yaml:"node"`
+	// Nodes is how many nodes a client should hold a session to; a client
+	// that reaches the same node twice through a load balancer keeps
+	// trying until it has seen this many. 0 = do not tell clients.
+	Nodes     int      `yaml:"nodes"`
+	Redis     string   `yaml:"redis"`     // redis://[user:password@]HOST:PORT/DB of the directory; "" = none
+	Advertise string   `yaml:"advertise"` // http(s)://host:port other nodes reach this one at; required with redis
+	Secret    string   `yaml:"secret"`    // shared by all nodes, authenticates node-to-node requests; literal, env:NAME or file:PATH
+	TTL       Duration `yaml:"ttl"`       // a directory entry lives this long after its last heartbeat, >= 1s
+}
+
+// Enabled reports whether the node uses a Redis directory.
+func (c Cluster) Enabled() bool { return c.Redis != "" }
 
 // ServerTLS turns on HTTPS and WSS on the server's one port.
 type ServerTLS struct {
@@ -123,6 +148,10 @@ type Client struct {
 	KeepAlive       Duration `yaml:"keepalive"`     // ping interval, > 0
 	Drain           Duration `yaml:"drain"`         // how long shutdown waits for in-flight requests; 0 = none
 	LogFormat       string   `yaml:"logformat"`     // "text" or "json"
+	// Discovery is how often a target's host name is resolved again: the
+	// client holds one session to every address it resolves to. 0 = dial
+	// the name as given, one session per target.
+	Discovery Duration `yaml:"discovery"`
 
 	src source // where the values came from, for error lines
 }
@@ -151,6 +180,8 @@ const (
 	defaultAdmin            = "127.0.0.1:8081"
 	defaultMaxMessageBytes  = 32 << 20
 	defaultLegacyTimeout    = 60 * time.Second
+	defaultClusterTTL       = 15 * time.Second
+	defaultDiscovery        = 30 * time.Second
 )
 
 // DefaultServer returns the server's defaults.
@@ -172,6 +203,7 @@ func DefaultServer() Server {
 		Admin:            defaultAdmin,
 		MaxMessageBytes:  defaultMaxMessageBytes,
 		LegacyTimeout:    Duration(defaultLegacyTimeout),
+		Cluster:          Cluster{TTL: Duration(defaultClusterTTL)},
 	}
 }
 
@@ -190,6 +222,7 @@ func DefaultClient() Client {
 		LogFormat:     defaultLogFormat,
 
 		MaxMessageBytes: defaultMaxMessageBytes,
+		Discovery:       Duration(defaultDiscovery),
 	}
 }
 

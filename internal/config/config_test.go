@@ -50,6 +50,7 @@ func TestDefaults(t *testing.T) {
 		HandshakeTimeout: Duration(10 * time.Second),
 		MaxSessions:      20000, MaxSessionsPerID: 1000, MaxStreams: 1000,
 		Admin: "127.0.0.1:8081", MaxMessageBytes: 32 << 20, LegacyTimeout: Duration(time.Minute),
+		Cluster: Cluster{TTL: Duration(15 * time.Second)},
 	}
 	if !reflect.DeepEqual(s, want) {
 		t.Errorf("LoadServer(\"\") = %+v, want %+v", s, want)
@@ -78,6 +79,7 @@ func TestDefaults(t *testing.T) {
 		DialTimeout: Duration(10 * time.Second), HeaderTimeout: Duration(time.Minute),
 		KeepAlive: Duration(15 * time.Second), Drain: Duration(30 * time.Second),
 		LogFormat: "text", MaxMessageBytes: 32 << 20,
+		Discovery: Duration(30 * time.Second),
 	}
 	if !reflect.DeepEqual(c, wantClient) {
 		t.Errorf("LoadClient(\"\") = %+v, want %+v", c, wantClient)
@@ -326,6 +328,22 @@ func TestServerValidate(t *testing.T) {
 		{"maxheaderbytes", func(s *Server) { s.MaxHeaderBytes = 0 }, "maxheaderbytes", "must be positive"},
 		{"bad whitelist regex", func(s *Server) { s.Whitelist = []rules.Spec{{}, {URL: "("}} }, "whitelist[1].url", `invalid regular expression "("`},
 		{"bad blacklist header", func(s *Server) { s.Blacklist = []rules.Spec{{Headers: map[string]string{"X-A": "["}}} }, "blacklist[0].headers.X-A", "invalid regular expression"},
+		{"cluster nodes", func(s *Server) { s.Cluster.Nodes = 3; s.Cluster.Node = "a-1" }, "", ""},
+		{"cluster node name", func(s *Server) { s.Cluster.Node = "a b" }, "cluster.node", `invalid node name "a b"`},
+		{"cluster nodes negative", func(s *Server) { s.Cluster.Nodes = -1 }, "cluster.nodes", "at least 0"},
+		{"cluster redis", func(s *Server) {
+			s.Cluster = Cluster{Redis: "redis://127.0.0.1:6379/0", Advertise: "http://10.0.0.1:8080", Secret: "s", TTL: Duration(5 * time.Second)}
+		}, "", ""},
+		{"cluster redis scheme", func(s *Server) {
+			s.Cluster = Cluster{Redis: "http://u:pw@127.0.0.1:6379", Advertise: "http://10.0.0.1:8080", Secret: "s", TTL: Duration(5 * time.Second)}
+		}, "cluster.redis", `invalid URL "http://u:xxxxx@127.0.0.1:6379"`},
+		{"cluster advertise missing", func(s *Server) { s.Cluster.Redis = "redis://127.0.0.1:6379"; s.Cluster.Secret = "s" }, "cluster.advertise", "missing"},
+		{"cluster advertise path", func(s *Server) {
+			s.Cluster = Cluster{Redis: "redis://r:6379", Advertise: "http://n1:8080/x", Secret: "s", TTL: Duration(5 * time.Second)}
+		}, "cluster.advertise", "want http://host:port"},
+		{"cluster secret missing", func(s *Server) { s.Cluster.Redis = "redis://127.0.0.1:6379"; s.Cluster.Advertise = "http://n1:8080" }, "cluster.secret", "missing"},
+		{"cluster secret without redis", func(s *Server) { s.Cluster.Secret = "s" }, "cluster.secret", "needs cluster.redis"},
+		{"cluster ttl", func(s *Server) { s.Cluster.TTL = Duration(time.Millisecond) }, "cluster.ttl", "at least 1s"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -376,6 +394,8 @@ func TestClientValidate(t *testing.T) {
 		{"dialtimeout zero", func(c *Client) { c.DialTimeout = 0 }, "dialtimeout", "must be positive"},
 		{"headertimeout zero is none", func(c *Client) { c.HeaderTimeout = 0 }, "", ""},
 		{"keepalive zero", func(c *Client) { c.KeepAlive = 0 }, "keepalive", "must be positive"},
+		{"discovery off", func(c *Client) { c.Discovery = 0 }, "", ""},
+		{"discovery negative", func(c *Client) { c.Discovery = -1 }, "discovery", "must not be negative"},
 		{"logformat", func(c *Client) { c.LogFormat = "JSON" }, "logformat", "want"},
 		{"bad rule", func(c *Client) { c.Whitelist = []rules.Spec{{Method: "(GET"}} }, "whitelist[0].method", "invalid regular expression"},
 	}
@@ -528,7 +548,7 @@ func TestFlagsNames(t *testing.T) {
 	c.Flags(fs)
 	got = nil
 	fs.VisitAll(func(f *flag.Flag) { got = append(got, f.Name) })
-	want = []string{"admin", "allowany", "dialtimeout", "drain", "headertimeout", "id", "keepalive", "legacy", "logformat", "poolidlesize", "poolmaxsize", "secretkey", "targets", "token"}
+	want = []string{"admin", "allowany", "dialtimeout", "discovery", "drain", "headertimeout", "id", "keepalive", "legacy", "logformat", "poolidlesize", "poolmaxsize", "secretkey", "targets", "token"}
 	if !slices.Equal(got, want) {
 		t.Errorf("client flags = %v, want %v", got, want)
 	}

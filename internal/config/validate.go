@@ -11,6 +11,7 @@ import (
 	"os"
 	"regexp"
 	"strings"
+	"time"
 
 	"wsp/internal/rules"
 )
@@ -100,6 +101,7 @@ func (c *Server) Validate() error {
 			}
 		}
 	}
+	c.Cluster.validate(&p)
 	for i, r := range c.Routes {
 		key := fmt.Sprintf("routes[%d]", i)
 		if r.Host == "" {
@@ -166,6 +168,7 @@ func (c *Client) Validate() error {
 	p.notNegative("headertimeout", c.HeaderTimeout)
 	p.positive("keepalive", c.KeepAlive)
 	p.notNegative("drain", c.Drain)
+	p.notNegative("discovery", c.Discovery)
 	p.logFormat(c.LogFormat)
 	return p.err()
 }
@@ -271,4 +274,46 @@ func (p *problems) err() error {
 		return p.errs[0]
 	}
 	return errors.Join(p.errs...)
+}
+
+// validate checks the cluster block: a Redis directory needs an advertised
+// URL other nodes can reach and a secret they share.
+func (c *Cluster) validate(p *problems) {
+	if c.Node != "" && !clientID.MatchString(c.Node) {
+		p.add("cluster.node", "invalid node name %q: want 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit", c.Node)
+	}
+	p.atLeast("cluster.nodes", c.Nodes, 0)
+	if c.TTL.D() < time.Second {
+		p.add("cluster.ttl", "must be at least 1s, got %s", c.TTL.D())
+	}
+	if c.Redis == "" {
+		if c.Advertise != "" {
+			p.add("cluster.advertise", "needs cluster.redis: it is only used with a Redis directory")
+		}
+		if c.Secret != "" {
+			p.add("cluster.secret", "needs cluster.redis: it is only used with a Redis directory")
+		}
+		return
+	}
+	if u, err := url.Parse(c.Redis); err != nil || (u.Scheme != "redis" && u.Scheme != "rediss") || u.Host == "" {
+		p.add("cluster.redis", "invalid URL %q: want redis://HOST:PORT/DB or rediss://HOST:PORT/DB", redactedURL(c.Redis))
+	}
+	if c.Advertise == "" {
+		p.add("cluster.advertise", "missing: the http(s)://host:port other nodes reach this one at")
+	} else if u, err := url.Parse(c.Advertise); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || (u.Path != "" && u.Path != "/") {
+		p.add("cluster.advertise", "invalid URL %q: want http://host:port or https://host:port", c.Advertise)
+	}
+	if c.Secret == "" {
+		p.add("cluster.secret", "missing: nodes authenticate each other with it")
+	} else {
+		p.secret("cluster.secret", &c.Secret)
+	}
+}
+
+// redactedURL hides a password in u, for error messages.
+func redactedURL(u string) string {
+	if p, err := url.Parse(u); err == nil {
+		return p.Redacted()
+	}
+	return "(unparsable)"
 }
