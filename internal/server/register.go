@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 
@@ -52,7 +53,11 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	id := fmt.Sprintf("%016x", rand.Uint64())
-	ws, err := s.upgrader.Upgrade(w, r, http.Header{tunnel.HeaderSession: {id}})
+	answer := http.Header{tunnel.HeaderSession: {id}, tunnel.HeaderNode: {s.node}}
+	if n := s.cfg.Cluster.Nodes; n > 0 {
+		answer.Set(tunnel.HeaderNodes, strconv.Itoa(n))
+	}
+	ws, err := s.upgrader.Upgrade(w, r, answer)
 	if err != nil {
 		s.sessions.Done()
 		s.metrics.HandshakeFailure("upgrade")

@@ -3,14 +3,17 @@
 package server
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/http/httputil"
+	"os"
 	"regexp"
 	"sync"
 	"sync/atomic"
@@ -28,6 +31,7 @@ import (
 // run it with Serve.
 type Server struct {
 	cfg       config.Server
+	node      string // this node's name (cluster.node or a generated one)
 	log       *slog.Logger
 	rules     *rules.Set
 	tunnel    tunnel.Config
@@ -67,6 +71,7 @@ func New(cfg config.Server, log *slog.Logger) (*Server, error) {
 	}
 	s := &Server{
 		cfg:      cfg,
+		node:     cmp.Or(cfg.Cluster.Node, defaultNodeName()),
 		log:      log,
 		rules:    rs,
 		tunnel:   tc,
@@ -88,6 +93,19 @@ func New(cfg config.Server, log *slog.Logger) (*Server, error) {
 	s.proxy = s.newProxy()
 	return s, nil
 }
+
+// defaultNodeName names a node that was not given a name: its host name and
+// a random suffix, so two nodes on one host, or one node restarted, differ.
+func defaultNodeName() string {
+	host, err := os.Hostname()
+	if err != nil || !tunnel.ValidID(host) || len(host) > 100 {
+		host = "node"
+	}
+	return fmt.Sprintf("%s-%06x", host, rand.Uint32()&0xffffff)
+}
+
+// Node returns this node's name.
+func (s *Server) Node() string { return s.node }
 
 // route sends requests for matching hosts to one client pool.
 type route struct {

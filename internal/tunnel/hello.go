@@ -26,6 +26,10 @@ const (
 	HeaderRules = "X-Wsp-Rules"
 	// HeaderSession is set by the server on its 101 answer.
 	HeaderSession = "X-Wsp-Session"
+	// HeaderNode names the server node on its 101 answer; HeaderNodes,
+	// when set, is how many nodes a client should hold a session to.
+	HeaderNode  = "X-Wsp-Node"
+	HeaderNodes = "X-Wsp-Nodes"
 )
 
 // Limits on what a client may claim in its hello.
