@@ -17,6 +17,7 @@ import (
 
 	"wsp/internal/admin"
 	"wsp/internal/client"
+	"wsp/internal/cluster"
 	"wsp/internal/config"
 	"wsp/internal/forward"
 	"wsp/internal/server"
@@ -40,6 +41,11 @@ func runServer(ctx context.Context, args []string, stderr io.Writer) error {
 	}
 	log := newLogger(cfg.LogFormat, stderr)
 	server.Version = version
+	if cfg.Cluster.Enabled() {
+		cluster.RouteLibraryLog(log)
+	}
+	// With cluster.redis, Serve starts the directory's heartbeats and, first
+	// thing in a drain, removes this node's entries from it.
 	srv, err := server.New(cfg, log)
 	if err != nil {
 		return err

@@ -10,11 +10,28 @@ import (
 
 // targetState is one target as /api/stats shows it.
 type targetState struct {
-	Target    string    `json:"target"` // without user info
+	Target    string    `json:"target"`               // without user info
+	Connected bool      `json:"connected"`            // at least one session up
+	Since     time.Time `json:"since,omitzero"`       // legacy: since when a connection is up
+	LastError string    `json:"last_error,omitempty"` // why the last attempt or session ended, while none is up
+
+	// v2 targets: each session kept, and how they were found.
+	Addresses    []string       `json:"addresses,omitempty"`     // what the host name resolved to (discovery)
+	ResolveError string         `json:"resolve_error,omitempty"` // why the last lookup failed
+	Nodes        int            `json:"nodes,omitempty"`         // how many nodes the servers say there are (X-Wsp-Nodes)
+	Sessions     []sessionState `json:"sessions,omitempty"`
+}
+
+// sessionState is one session a v2 target keeps up, or tries to.
+type sessionState struct {
+	Address   string    `json:"address,omitempty"` // the address dialed (discovery)
+	Extra     bool      `json:"extra,omitempty"`   // opened to reach the servers' node count
+	Node      string    `json:"node,omitempty"`    // the server node it landed on
 	Connected bool      `json:"connected"`
 	Session   string    `json:"session,omitempty"`
 	Since     time.Time `json:"since,omitzero"`
-	LastError string    `json:"last_error,omitempty"` // why the last attempt or session ended
+	Draining  bool      `json:"draining,omitempty"` // no longer needed: in-flight requests finish
+	LastError string    `json:"last_error,omitempty"`
 }
 
 func (c *Client) setTarget(target string, st targetState) {

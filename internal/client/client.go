@@ -46,6 +46,10 @@ const (
 
 // Client keeps sessions to its targets and serves their streams.
 type Client struct {
+	// Resolver looks up the addresses of targets' host names (discovery);
+	// nil means net.DefaultResolver. Set it before Run.
+	Resolver Resolver
+
 	cfg      config.Client
 	log      *slog.Logger
 	rules    *rules.Set
@@ -117,79 +121,30 @@ func (c *Client) Ready() bool { return c.ready.Load() > 0 }
 
 // Run keeps a session to every target until ctx ends, then drains: the
 // server is told to send no more requests, in-flight ones finish for up to
-// the drain time, and Run returns.
+// the drain time, and Run returns. With discovery, a target whose host is a
+// name gets a session to every address it resolves to (discovery.go).
 func (c *Client) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
-	for _, target := range c.cfg.Targets {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if c.cfg.Legacy {
-				c.runLegacyTarget(ctx, target)
-				return
+	if c.cfg.Legacy {
+		for _, target := range c.cfg.Targets {
+			wg.Go(func() { c.runLegacyTarget(ctx, target) })
+		}
+	} else {
+		groups := make([]*targetGroup, 0, len(c.cfg.Targets))
+		for _, target := range c.cfg.Targets {
+			g, err := newTargetGroup(c, target)
+			if err != nil {
+				return err
 			}
-			c.runTarget(ctx, target)
-		}()
+			groups = append(groups, g)
+		}
+		for _, g := range groups {
+			wg.Go(func() { g.run(ctx) })
+		}
 	}
 	wg.Wait()
 	c.backends.close()
 	return nil
-}
-
-// runTarget connects to one server again and again until ctx ends.
-func (c *Client) runTarget(ctx context.Context, target string) {
-	failures := 0
-	lastCause := ""
-	for attempt := 0; ; attempt++ {
-		sess, sid, err := c.dial(ctx, target)
-		if attempt > 0 && ctx.Err() == nil {
-			c.metrics.Reconnect(err == nil)
-		}
-		if err != nil {
-			if ctx.Err() != nil {
-				return
-			}
-			c.setTarget(target, targetState{Target: redactURL(target), LastError: err.Error()})
-			failures++
-			// One line per distinct cause, not one per retry.
-			if cause := err.Error(); cause != lastCause {
-				msg := "cannot connect; retrying with back-off"
-				if isCertError(err) {
-					msg = "TLS certificate of the server not accepted; retrying with back-off"
-				}
-				c.log.Warn(msg, "target", redactURL(target), "cause", cause)
-				lastCause = cause
-			}
-			if !sleep(ctx, backoff(failures)) {
-				return
-			}
-			continue
-		}
-		c.log.Info("connected", "target", redactURL(target), "session", sid, "attempts", failures+1)
-		connected := time.Now()
-		lastCause = ""
-		c.ready.Add(1)
-		c.metrics.Session(1)
-		c.setTarget(target, targetState{Target: redactURL(target), Connected: true, Session: sid, Since: time.Now()})
-		cause := c.serve(ctx, sess)
-		c.setTarget(target, targetState{Target: redactURL(target), LastError: cause})
-		c.metrics.Session(-1)
-		c.ready.Add(-1)
-		if ctx.Err() != nil {
-			c.log.Info("disconnected", "target", redactURL(target), "session", sid, "cause", cause)
-			return
-		}
-		c.log.Warn("disconnected; reconnecting", "target", redactURL(target), "session", sid, "cause", cause)
-		// A session that lasted resets the back-off; one dropped at once
-		// (a server that accepts, then closes) keeps climbing it.
-		if time.Since(connected) > stableSession {
-			failures = 0
-		}
-		failures++
-		if !sleep(ctx, backoff(failures)) {
-			return
-		}
-	}
 }
 
 // isCertError reports whether err is the server's certificate failing
@@ -231,8 +186,11 @@ func sleep(ctx context.Context, d time.Duration) bool {
 	}
 }
 
-// dial opens a session to target.
-func (c *Client) dial(ctx context.Context, target string) (*tunnel.Session, string, error) {
+// handshake opens a WebSocket to target, through addr when it is not ""
+// (an address the target's host name resolved to: the connection goes
+// there, while TLS verifies the name and the Host header carries it), and
+// returns it with what the server's 101 said.
+func (c *Client) handshake(ctx context.Context, target, addr string) (*websocket.Conn, answer, error) {
 	hello := tunnel.Hello{
 		ClientID:   c.cfg.ID,
 		SecretKey:  c.cfg.SecretKey,
@@ -241,9 +199,17 @@ func (c *Client) dial(ctx context.Context, target string) (*tunnel.Session, stri
 		Version:    Version,
 		Rules:      tunnel.Rules{Whitelist: c.cfg.Whitelist, Blacklist: c.cfg.Blacklist},
 	}
+	header := hello.Header()
+	d := *c.dialer
+	dialURL := wsURL(target)
+	if addr != "" {
+		var err error
+		if dialURL, err = throughAddr(&d, header, dialURL, addr); err != nil {
+			return nil, answer{}, err
+		}
+	}
 	// gorilla bounds its handshake by HandshakeTimeout only: cancelling
 	// ctx (shutting down) must end a handshake to a silent server too.
-	d := *c.dialer
 	var mu sync.Mutex
 	var conn net.Conn
 	d.NetDialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
@@ -264,23 +230,60 @@ func (c *Client) dial(ctx context.Context, target string) (*tunnel.Session, stri
 			conn.SetDeadline(time.Now())
 		}
 	})
-	ws, resp, err := d.DialContext(ctx, wsURL(target), hello.Header())
+	ws, resp, err := d.DialContext(ctx, dialURL, header)
 	stop()
 	if err != nil {
 		if resp != nil && resp.StatusCode != http.StatusSwitchingProtocols {
-			return nil, "", refusal(resp)
+			return nil, answer{}, refusal(resp)
 		}
-		return nil, "", err
+		return nil, answer{}, err
 	}
 	if ws.Subprotocol() != tunnel.Subprotocol {
 		ws.Close()
-		return nil, "", fmt.Errorf("server did not accept subprotocol %s: is it a root-gg/wsp server?", tunnel.Subprotocol)
+		return nil, answer{}, fmt.Errorf("server did not accept subprotocol %s: is it a root-gg/wsp server?", tunnel.Subprotocol)
 	}
-	sess, err := tunnel.NewClientSession(ws, c.tunnel)
+	return ws, parseAnswer(resp.Header), nil
+}
+
+// throughAddr points dialer d and the upgrade's header at addr instead of
+// the host of rawURL, keeping the host name where it matters: in the Host
+// header, as the TLS server name, and for the choice of a proxy (NO_PROXY
+// names the host, not its addresses). It returns the URL to dial.
+func throughAddr(d *websocket.Dialer, header http.Header, rawURL, addr string) (string, error) {
+	u, err := url.Parse(rawURL)
 	if err != nil {
-		return nil, "", err
+		return "", err
 	}
-	return sess, resp.Header.Get(tunnel.HeaderSession), nil
+	host, port := u.Hostname(), u.Port()
+	if port == "" {
+		port = "80"
+		if u.Scheme == "wss" {
+			port = "443"
+		}
+	}
+	header.Set("Host", u.Host)
+	if u.Scheme == "wss" {
+		tc := d.TLSClientConfig.Clone()
+		if tc == nil {
+			tc = &tls.Config{MinVersion: tls.VersionTLS12}
+		}
+		if tc.ServerName == "" {
+			tc.ServerName = host
+		}
+		d.TLSClientConfig = tc
+	}
+	if proxy := d.Proxy; proxy != nil {
+		named := u.Host
+		d.Proxy = func(r *http.Request) (*url.URL, error) {
+			r2 := *r
+			u2 := *r.URL
+			u2.Host = named
+			r2.URL = &u2
+			return proxy(&r2)
+		}
+	}
+	u.Host = net.JoinHostPort(addr, port)
+	return u.String(), nil
 }
 
 // wsURL accepts http(s) targets as the ws(s) URLs they stand for.
@@ -352,6 +355,10 @@ func (c *Client) serve(ctx context.Context, sess *tunnel.Session) string {
 		}
 	case <-ctx.Done():
 		cause = "client shutting down"
+		var r retired
+		if errors.As(context.Cause(ctx), &r) {
+			cause = r.Error() // this session alone drains
+		}
 		sess.GoAway()   // the server opens no more streams...
 		streams.drain() // ...nor reuses the idle ones
 		deadline := time.Now().Add(c.cfg.Drain.D())

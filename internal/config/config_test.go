@@ -538,7 +538,7 @@ func TestFlagsNames(t *testing.T) {
 	s.Flags(fs)
 	var got []string
 	fs.VisitAll(func(f *flag.Flag) { got = append(got, f.Name) })
-	want := []string{"admin", "drain", "drainnotice", "handshaketimeout", "host", "idletimeout", "keepalive", "logformat", "maxbodybytes", "maxheaderbytes", "maxsessions", "maxsessionsperid", "maxstreams", "port", "secretkey", "timeout"}
+	want := []string{"admin", "cluster.advertise", "cluster.node", "drain", "drainnotice", "handshaketimeout", "host", "idletimeout", "keepalive", "logformat", "maxbodybytes", "maxheaderbytes", "maxsessions", "maxsessionsperid", "maxstreams", "port", "secretkey", "timeout"}
 	if !slices.Equal(got, want) {
 		t.Errorf("server flags = %v, want %v", got, want)
 	}
@@ -667,5 +667,48 @@ func TestSecretsFromEnvAndFiles(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%q: got %v, want %q", tc.yaml, err, tc.want)
 		}
+	}
+}
+
+// TestClusterFlags: a file shared by every node (a Kubernetes ConfigMap)
+// leaves the node's name and address to flags.
+func TestClusterFlags(t *testing.T) {
+	s, err := decodeServer([]byte("cluster:\n  redis: redis://redis:6379/0\n  secret: s\n"), "server.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Validate(); err == nil || !strings.Contains(err.Error(), "cluster.advertise") {
+		t.Fatalf("without an advertised URL: %v", err)
+	}
+	fs := flag.NewFlagSet("server", flag.ContinueOnError)
+	s.Flags(fs)
+	if err := fs.Parse([]string{"-cluster.node", "wsp-7d9f-x2k4p", "-cluster.advertise", "http://10.1.2.3:8080"}); err != nil {
+		t.Fatal(err)
+	}
+	if s.Cluster.Node != "wsp-7d9f-x2k4p" || s.Cluster.Advertise != "http://10.1.2.3:8080" {
+		t.Fatalf("flags not applied: %+v", s.Cluster)
+	}
+	if err := s.Validate(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestClusterRedisFromEnvironment: the Redis URL, which may hold a
+// password, can come from the environment like a secret.
+func TestClusterRedisFromEnvironment(t *testing.T) {
+	t.Setenv("WSP_TEST_REDIS", "redis://:pw@redis:6379/0")
+	s, err := decodeServer([]byte("cluster:\n  redis: env:WSP_TEST_REDIS\n  advertise: http://10.0.0.1:8080\n  secret: s\n"), "server.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if s.Cluster.Redis != "redis://:pw@redis:6379/0" {
+		t.Fatalf("cluster.redis = %q", s.Cluster.Redis)
+	}
+	s, _ = decodeServer([]byte("cluster:\n  redis: env:WSP_TEST_UNSET\n  advertise: http://10.0.0.1:8080\n  secret: s\n"), "server.yaml")
+	if err := s.Validate(); err == nil || !strings.Contains(err.Error(), "cluster.redis") || !strings.Contains(err.Error(), "WSP_TEST_UNSET") {
+		t.Fatalf("unset variable: %v", err)
 	}
 }

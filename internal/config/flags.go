@@ -25,6 +25,10 @@ func (c *Server) Flags(fs *flag.FlagSet) {
 	fs.IntVar(&c.MaxSessionsPerID, "maxsessionsperid", c.MaxSessionsPerID, "most client sessions with one id (`n`)")
 	fs.IntVar(&c.MaxStreams, "maxstreams", c.MaxStreams, "most concurrent requests per client session, whatever the client offers (`n`)")
 	fs.IntVar(&c.MaxBodyBytes, "maxbodybytes", c.MaxBodyBytes, "largest app request body in `bytes`, 0 = no limit (413 beyond)")
+	// Per node, where the file is shared (a Kubernetes ConfigMap): the pod's
+	// name and address come from the environment, as $(POD_NAME) in args.
+	fs.StringVar(&c.Cluster.Node, "cluster.node", c.Cluster.Node, "this node's `name` (default: host name and a random suffix)")
+	fs.StringVar(&c.Cluster.Advertise, "cluster.advertise", c.Cluster.Advertise, "with cluster.redis: the http(s)://host:port `URL` other nodes reach this one at")
 }
 
 // Flags defines one flag per scalar key of the client, and -targets, as

@@ -295,8 +295,14 @@ func (c *Cluster) validate(p *problems) {
 		}
 		return
 	}
-	if u, err := url.Parse(c.Redis); err != nil || (u.Scheme != "redis" && u.Scheme != "rediss") || u.Host == "" {
-		p.add("cluster.redis", "invalid URL %q: want redis://HOST:PORT/DB or rediss://HOST:PORT/DB", redactedURL(c.Redis))
+	// The URL may hold Redis's password: env:NAME and file:PATH keep it
+	// out of the file, as for the secrets.
+	if r, err := resolveSecret(c.Redis); err != nil {
+		p.add("cluster.redis", "%v", err)
+	} else if u, err := url.Parse(r); err != nil || (u.Scheme != "redis" && u.Scheme != "rediss") || u.Host == "" {
+		p.add("cluster.redis", "invalid URL %q: want redis://HOST:PORT/DB or rediss://HOST:PORT/DB", redactedURL(r))
+	} else {
+		c.Redis = r
 	}
 	if c.Advertise == "" {
 		p.add("cluster.advertise", "missing: the http(s)://host:port other nodes reach this one at")

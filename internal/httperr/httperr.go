@@ -35,6 +35,7 @@ const (
 	SessionLimit       = "session_limit"       // 503: too many client sessions
 	BodyTooLarge       = "body_too_large"      // 413: the request body exceeds maxbodybytes
 	ClientError        = "client_error"        // 502: a legacy client reported a failure (its status 527)
+	NodeUnreachable    = "node_unreachable"    // 502: no server node holding the client could be reached
 )
 
 // RetryAfter is the Retry-After value sent with 503s, in seconds.

@@ -24,6 +24,10 @@ type Server struct {
 	sessions          *prometheus.GaugeVec
 	handshakeFailures *prometheus.CounterVec
 	streamFailures    prometheus.Counter
+
+	clusterForwarded    *prometheus.CounterVec
+	clusterNodeFailures prometheus.Counter
+	clusterReceived     *prometheus.CounterVec
 }
 
 // NewServer registers the server's collectors, plus the Go runtime's and
@@ -60,11 +64,56 @@ func NewServer() *Server {
 			Name: "wsp_stream_open_failures_total",
 			Help: "Streams that could not be opened on a client session (the request went to another session when one was left).",
 		}),
+		clusterForwarded: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "wsp_cluster_forwarded_total",
+			Help: "App requests this node forwarded to another node holding their client, by result (ok: a node answered; node_unreachable: no holder could be reached; failed: the exchange with the node broke).",
+		}, []string{"result"}),
+		clusterNodeFailures: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "wsp_cluster_node_failures_total",
+			Help: "Attempts to reach another node that failed before any byte was sent (the next holder was tried, if any).",
+		}),
+		clusterReceived: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "wsp_cluster_received_total",
+			Help: "Node-to-node requests received, by result (accepted, refused: missing or wrong cluster secret).",
+		}, []string{"result"}),
 	}
 	m.reg.MustRegister(m.requests, m.inFlight, m.duration, m.bytes, m.sessions, m.handshakeFailures, m.streamFailures,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
+
+// Cluster registers the metrics of a node with a Redis directory: the
+// forwarding counters, and gauges read from the directory when scraped.
+func (m *Server) Cluster(up func() bool, held func() int, errors func() int64) {
+	m.reg.MustRegister(m.clusterForwarded, m.clusterNodeFailures, m.clusterReceived,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "wsp_cluster_directory_up",
+			Help: "1 when the last call to the Redis directory succeeded, else 0.",
+		}, func() float64 {
+			if up() {
+				return 1
+			}
+			return 0
+		}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "wsp_cluster_directory_client_ids",
+			Help: "Client ids this node recorded in the directory at its last heartbeat.",
+		}, func() float64 { return float64(held()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "wsp_cluster_directory_errors_total",
+			Help: "Calls to the Redis directory that failed (heartbeats, lookups, withdraw).",
+		}, func() float64 { return float64(errors()) }),
+	)
+}
+
+// Forwarded counts an app request forwarded to another node.
+func (m *Server) Forwarded(result string) { m.clusterForwarded.WithLabelValues(result).Inc() }
+
+// NodeFailure counts an attempt at a node that could not be reached.
+func (m *Server) NodeFailure() { m.clusterNodeFailures.Inc() }
+
+// Received counts a node-to-node request.
+func (m *Server) Received(result string) { m.clusterReceived.WithLabelValues(result).Inc() }
 
 // Handler serves the metrics in the Prometheus text format.
 func (m *Server) Handler() http.Handler {
@@ -121,6 +170,7 @@ type Client struct {
 	inFlight   prometheus.Gauge
 	sessions   prometheus.Gauge
 	reconnects *prometheus.CounterVec
+	duplicates prometheus.Counter
 }
 
 // NewClient registers the client's collectors, plus the Go runtime's and
@@ -138,14 +188,18 @@ func NewClient() *Client {
 		}),
 		sessions: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "wsp_client_sessions",
-			Help: "Sessions up, one per reachable target.",
+			Help: "Sessions up: one per reachable target, or per address and node with discovery and a node count.",
 		}),
 		reconnects: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "wsp_client_reconnects_total",
 			Help: "Session attempts after the first, by outcome (ok, failed).",
 		}, []string{"outcome"}),
+		duplicates: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "wsp_client_duplicate_node_sessions_total",
+			Help: "Sessions closed at once because they landed on a server node the target already held, while the servers' node count was not reached.",
+		}),
 	}
-	m.reg.MustRegister(m.requests, m.inFlight, m.sessions, m.reconnects,
+	m.reg.MustRegister(m.requests, m.inFlight, m.sessions, m.reconnects, m.duplicates,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -174,3 +228,7 @@ func (m *Client) Reconnect(ok bool) {
 	}
 	m.reconnects.WithLabelValues(outcome).Inc()
 }
+
+// DuplicateNode counts a session closed because it landed on a node the
+// target already held.
+func (m *Client) DuplicateNode() { m.duplicates.Inc() }

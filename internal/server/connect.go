@@ -34,6 +34,9 @@ func (s *Server) connect(w http.ResponseWriter, r *http.Request) {
 		httperr.Write(rec, x.err)
 		return
 	}
+	if s.forwarded(rec, r, x) {
+		return
+	}
 	var tried []*session
 	sess, st, _, err := s.transport.open(r.Context(), x, true, &tried)
 	if err != nil {
@@ -72,15 +75,26 @@ func (s *Server) connect(w http.ResponseWriter, r *http.Request) {
 	}
 	if resp.StatusCode != http.StatusOK {
 		// The client's refusal or failure, with its wsp error code.
-		for k, v := range resp.Header {
-			rec.Header()[k] = v
-		}
-		rec.WriteHeader(resp.StatusCode)
-		io.Copy(rec, io.LimitReader(resp.Body, 64<<10))
-		resp.Body.Close()
+		relayAnswer(rec, resp)
 		return
 	}
+	s.splice(rec, x, tunnel.End{Conn: st, Reader: br})
+}
 
+// relayAnswer passes a refused CONNECT's answer (a wsp error: status,
+// X-Wsp-Error, one-line body) on to the app.
+func relayAnswer(rec *recorder, resp *http.Response) {
+	for k, v := range resp.Header {
+		rec.Header()[k] = v
+	}
+	rec.WriteHeader(resp.StatusCode)
+	io.Copy(rec, io.LimitReader(resp.Body, 64<<10))
+	resp.Body.Close()
+}
+
+// splice answers the app's CONNECT with 200 and joins its connection to
+// far (a client's stream, or another node's connection) until either ends.
+func (s *Server) splice(rec *recorder, x *exchange, far tunnel.End) {
 	if !s.enter(&s.tunnels) {
 		x.err = httperr.New(http.StatusServiceUnavailable, httperr.Draining, "server is shutting down")
 		httperr.Write(rec, x.err)
@@ -94,11 +108,15 @@ func (s *Server) connect(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	rec.status = http.StatusOK
-	if _, err := io.WriteString(conn, "HTTP/1.1 200 Connection established\r\n\r\n"); err != nil {
+	answer := "HTTP/1.1 200 Connection established\r\n"
+	if x.node != "" {
+		answer += "Via: 1.1 " + x.node + "\r\n" // served by another node
+	}
+	if _, err := io.WriteString(conn, answer+"\r\n"); err != nil {
 		conn.Close()
 		return
 	}
-	up, down := tunnel.Join(tunnel.End{Conn: conn, Reader: brw.Reader}, tunnel.End{Conn: st, Reader: br}, s.cfg.IdleTimeout.D())
+	up, down := tunnel.Join(tunnel.End{Conn: conn, Reader: brw.Reader}, far, s.cfg.IdleTimeout.D())
 	rec.bytes = down
 	x.bytesIn.Store(up)
 }

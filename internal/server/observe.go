@@ -118,6 +118,12 @@ func (s *Server) finish(r *http.Request, x *exchange, rec *recorder) {
 		"bytes_out", rec.bytes,
 		"duration", d.Round(time.Microsecond),
 	}
+	if x.node != "" {
+		attrs = append(attrs, "node", x.node) // forwarded to that node
+	}
+	if x.via != "" {
+		attrs = append(attrs, "via", x.via) // forwarded here by that node
+	}
 	if x.err != nil {
 		attrs = append(attrs, "error", x.err.Code, "cause", x.err.Error())
 		s.totals.errors.Add(1)

@@ -89,11 +89,16 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 func (s *Server) serveSession(sess *session) {
 	defer s.sessions.Done()
 	s.reg.add(sess)
+	s.clusterChanged()
 	s.metrics.SessionUp(sess.clientID)
 	s.log.Info("client connected", "client", sess.clientID, "session", sess.id, "remote", sess.remote, "version", sess.version)
 
 	cause := s.watch(sess)
-	s.metrics.SessionDown(sess.clientID, s.reg.remove(sess))
+	left := s.reg.remove(sess)
+	if left == 0 {
+		s.clusterChanged() // the directory drops the id
+	}
+	s.metrics.SessionDown(sess.clientID, left)
 	sess.Close()
 	s.log.Info("client disconnected", "client", sess.clientID, "session", sess.id, "remote", sess.remote,
 		"cause", cause, "duration", time.Since(sess.since).Round(time.Millisecond), "requests", sess.requests.Load())

@@ -152,6 +152,36 @@ func (r *registry) sessions() []*session {
 	return r.all
 }
 
+// clientIDs returns the ids with at least one session, for the cluster
+// directory.
+func (r *registry) clientIDs() []string {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	ids := make([]string, 0, len(r.pools))
+	for id := range r.pools {
+		ids = append(ids, id)
+	}
+	return ids
+}
+
+// holds reports whether a session here could serve w, busy or not: a
+// session of the named pool, or for any client one whose rules accept it.
+// A cluster node forwards the requests it does not hold.
+func (r *registry) holds(w wanted) bool {
+	r.mu.RLock()
+	list := r.all
+	if w.clientID != "" {
+		list = r.pools[w.clientID]
+	}
+	r.mu.RUnlock()
+	for _, c := range list {
+		if !c.gone.Load() && (w.clientID != "" || w.accepts == nil || w.accepts(c)) {
+			return true
+		}
+	}
+	return false
+}
+
 // wanted says which sessions may serve a request.
 type wanted struct {
 	clientID string // the pool the app or a route named; "" = any client
@@ -160,6 +190,9 @@ type wanted struct {
 	// a named pool's client is asked, and refuses itself if it must.
 	accepts func(*session) bool
 	dest    string // the destination, for errors
+	// scope completes "no client is connected" in a cluster: " to any
+	// node", or why only this node was looked at.
+	scope string
 }
 
 // pick reserves a stream slot on a session able to serve w, skipping the
@@ -207,21 +240,22 @@ func (r *registry) pick(ctx context.Context, w wanted, tried []*session, timeout
 			return nil, ctx.Err()
 		case <-timer.C:
 			r.waiters.Add(-1)
-			return nil, noSession(w.clientID, busy)
+			return nil, noSession(w, busy)
 		}
 	}
 }
 
-func noSession(clientID string, busy int) error {
+func noSession(w wanted, busy int) error {
+	clientID := w.clientID
 	switch {
 	case busy > 0 && clientID != "":
 		return httperr.New(http.StatusGatewayTimeout, httperr.ClientBusy, "timed out waiting for a free stream: all %d sessions of client %q are at their limit", busy, clientID)
 	case busy > 0:
 		return httperr.New(http.StatusGatewayTimeout, httperr.ClientBusy, "timed out waiting for a free stream: all %d client sessions able to serve it are at their limit", busy)
 	case clientID != "":
-		return httperr.New(http.StatusServiceUnavailable, httperr.NoClient, "no client with id %q is connected", clientID)
+		return httperr.New(http.StatusServiceUnavailable, httperr.NoClient, "no client with id %q is connected%s", clientID, w.scope)
 	default:
-		return httperr.New(http.StatusServiceUnavailable, httperr.NoClient, "no client is connected")
+		return httperr.New(http.StatusServiceUnavailable, httperr.NoClient, "no client is connected%s", w.scope)
 	}
 }
 

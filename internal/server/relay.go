@@ -47,6 +47,13 @@ type exchange struct {
 	// came back is moot. Set by the goroutine sending the body.
 	bodyTooLarge atomic.Bool
 	bodyLimit    int64
+	// Cluster (see cluster.go): via is the node that forwarded this
+	// request here, authenticated by the cluster secret ("" = an app sent
+	// it); node is the node this one forwarded it to; fwd is set when this
+	// node forwards it.
+	via  string
+	node string
+	fwd  *forwarding
 }
 
 // limitedBody fails a request body at its limit and notes why on x.
@@ -118,7 +125,17 @@ func (s *Server) newProxy() *httputil.ReverseProxy {
 			dest := *x.dest
 			pr.Out.URL = &dest
 			pr.Out.Host = ""
-			pr.SetXForwarded()
+			if x.via != "" {
+				// Forwarded by another node, which set them as the
+				// destination must see them: the app's, not that node's.
+				for _, h := range forwardedHeaders {
+					if v := pr.In.Header[h]; v != nil {
+						pr.Out.Header[h] = v
+					}
+				}
+			} else {
+				pr.SetXForwarded()
+			}
 			for name := range pr.Out.Header {
 				if strings.HasPrefix(name, proxyHeaderPrefix) {
 					delete(pr.Out.Header, name)
@@ -174,6 +191,9 @@ func (s *Server) relay(w http.ResponseWriter, r *http.Request, entry string, des
 		httperr.Write(rec, x.err)
 		return
 	}
+	if s.forwarded(rec, r, x) {
+		return
+	}
 	s.proxy.ServeHTTP(rec, r.WithContext(context.WithValue(r.Context(), exchangeKey{}, x)))
 }
 
@@ -182,8 +202,12 @@ func (s *Server) relay(w http.ResponseWriter, r *http.Request, entry string, des
 // it: the client the app names, else the first route matching host, else
 // any client whose advertised rules accept it.
 func (s *Server) admit(r *http.Request, x *exchange, target, host string) *httperr.Error {
-	if e := s.authenticate(r, x.entry != "request"); e != nil {
-		return e
+	// A node request was authenticated by the cluster secret, and the app
+	// by the node it reached first; the server's rules apply all the same.
+	if x.via = viaOf(r.Context()); x.via == "" {
+		if e := s.authenticate(r, x.entry != "request"); e != nil {
+			return e
+		}
 	}
 	if tunnel.UpgradeType(r.Header) != "" && r.Body != nil && r.Body != http.NoBody && r.ContentLength != 0 {
 		// After a 101 the stream is a byte pipe: a body in flight would

@@ -22,6 +22,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	"wsp/internal/config"
+	"wsp/internal/httperr"
 	"wsp/internal/metrics"
 	"wsp/internal/rules"
 	"wsp/internal/tunnel"
@@ -46,6 +47,7 @@ type Server struct {
 	sessions sync.WaitGroup
 	tunnels  sync.WaitGroup // CONNECT tunnels: hijacked, so http.Server does not wait for them
 	certs    *certStore     // nil without TLS
+	cluster  *clusterNode   // nil without cluster.redis
 	stopMu   sync.Mutex
 	stopped  bool // guarded by stopMu: sessions and tunnels are no longer counted in
 
@@ -91,6 +93,11 @@ func New(cfg config.Server, log *slog.Logger) (*Server, error) {
 	}
 	s.transport = &transport{metrics: s.metrics, reg: s.reg, timeout: cfg.Timeout.D()}
 	s.proxy = s.newProxy()
+	if cfg.Cluster.Enabled() {
+		if s.cluster, err = s.newCluster(); err != nil {
+			return nil, err
+		}
+	}
 	return s, nil
 }
 
@@ -132,6 +139,8 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		IdleTimeout:       2 * time.Minute,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	}
+	s.startCluster()
+	defer s.closeCluster()
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(ln) }()
 	select {
@@ -142,6 +151,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	}
 
 	s.draining.Store(true)
+	s.withdraw() // other nodes stop sending here first
 	if notice := s.cfg.DrainNotice.D(); notice > 0 {
 		// Serve on, failing /readyz, until load balancers have noticed.
 		s.log.Info("drain notice: /readyz fails, still serving", "for", notice)
@@ -223,6 +233,12 @@ func (s *Server) enter(wg *sync.WaitGroup) bool {
 
 // ServeHTTP routes the server's endpoints.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if via, e := s.fromNode(r); e != nil {
+		httperr.Write(w, e)
+		return
+	} else if via != "" {
+		r = r.WithContext(context.WithValue(r.Context(), viaKey{}, via))
+	}
 	if r.Method == http.MethodConnect {
 		s.connect(w, r)
 		return

@@ -40,6 +40,7 @@ type Stats struct {
 	BytesIn      int64         `json:"bytes_in"`
 	BytesOut     int64         `json:"bytes_out"`
 	RecentErrors []ErrorInfo   `json:"recent_errors"`
+	Cluster      *ClusterStats `json:"cluster,omitempty"` // with cluster.redis
 }
 
 // Version is reported by /api/stats; cmd/wsp sets it.
@@ -60,6 +61,7 @@ func (s *Server) Stats() Stats {
 		BytesOut:     s.totals.bytesOut.Load(),
 		RecentErrors: s.errors.list(),
 		SessionCount: len(all),
+		Cluster:      s.clusterStats(),
 	}
 	ids := map[string]bool{}
 	for _, x := range all {
