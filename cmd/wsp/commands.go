@@ -38,7 +38,9 @@ func runServer(ctx context.Context, args []string, stderr io.Writer) error {
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
-	log := newLogger(cfg.LogFormat, stderr)
+	lw := newLogWriter(stderr)
+	defer lw.Flush()
+	log := newLogger(cfg.LogFormat, lw)
 	server.Version = version
 	srv, err := server.New(cfg, log)
 	if err != nil {

@@ -42,6 +42,8 @@ type session struct {
 	bytesOut atomic.Int64 // answer bytes relayed to apps, likewise
 	lastErr  atomic.Pointer[ErrorInfo]
 	gone     atomic.Bool // closed, or the client said go away: never picked again
+	ended    atomic.Bool // endSession ran
+	pinging  atomic.Bool // a keepalive ping is out
 
 	mu   sync.Mutex
 	idle []idleStream // guarded by mu; oldest first. len(idle)+inflight <= maxStreams
@@ -102,6 +104,13 @@ func (r *registry) room(id string, max, maxPerID int) *httperr.Error {
 		return httperr.New(http.StatusServiceUnavailable, httperr.SessionLimit, "the server holds its maximum of %d sessions for client id %q (maxsessionsperid)", maxPerID, id)
 	}
 	return nil
+}
+
+// list returns every session; the caller may keep it (copied on write).
+func (r *registry) list() []*session {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	return r.all
 }
 
 // remove drops s and returns how many sessions its client id has left.
