@@ -7,7 +7,7 @@ import (
 	"net/http"
 	"regexp"
 	"strconv"
-		"sync"
+	"sync"
 	"testing"
 	"time"
 

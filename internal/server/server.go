@@ -41,9 +41,9 @@ type Server struct {
 	transport *transport
 	upgrader  *websocket.Upgrader
 
-	draining atomic.Bool   // set when Serve's context ends: /readyz fails, /register refuses
-	closing  chan struct{} // closed when the drain is over: sessions end
-	reaped   chan struct{} // closed when the reaper has ended every session
+	draining atomic.Bool    // set when Serve's context ends: /readyz fails, /register refuses
+	closing  chan struct{}  // closed when the drain is over: sessions end
+	reaped   chan struct{}  // closed when the reaper has ended every session
 	pings    sync.WaitGroup // keepalive pings in flight
 	sessions sync.WaitGroup
 	tunnels  sync.WaitGroup // CONNECT tunnels: hijacked, so http.Server does not wait for them
