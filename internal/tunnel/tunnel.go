@@ -84,9 +84,12 @@ type Session struct {
 // largest frame the relays produce; it is pooled, so an idle session holds
 // none.
 const (
-	CopyBufferSize  = 128 << 10
-	ReadBufferSize  = 16 << 10
-	WriteBufferSize = CopyBufferSize + yamuxHeaderSize + 14
+	CopyBufferSize = 128 << 10
+	ReadBufferSize = 16 << 10
+	// ServerReadBufferSize is the server's WebSocket read buffer per
+	// session (http.Server's 4 KiB one is let go at the upgrade).
+	ServerReadBufferSize = 1 << 10
+	WriteBufferSize      = CopyBufferSize + yamuxHeaderSize + 14
 )
 
 // WriteBufferPool is shared by every session's WebSocket writes.
@@ -147,10 +150,10 @@ func NewUpgrader(handshakeTimeout time.Duration) *websocket.Upgrader {
 	return &websocket.Upgrader{
 		HandshakeTimeout: handshakeTimeout,
 		Subprotocols:     []string{Subprotocol},
-		// 0: read through the buffer http.Server already has for the
-		// connection (4 KiB) rather than a new one: thousands of idle
-		// sessions each keep it.
-		ReadBufferSize:  0,
+		// Small: thousands of idle sessions each keep it. yamux reads
+		// through a 4 KiB buffer of its own, so frame bodies bypass this
+		// one; it holds WebSocket frame headers and small frames.
+		ReadBufferSize:  ServerReadBufferSize,
 		WriteBufferSize: WriteBufferSize,
 		WriteBufferPool: WriteBufferPool,
 		// Refusals are answered before the upgrade, as plain HTTP.
