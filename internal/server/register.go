@@ -135,7 +135,7 @@ func (s *Server) reap() {
 	for {
 		select {
 		case <-s.closing:
-			for _, sess := range s.reg.list() {
+			for _, sess := range s.reg.sessions() {
 				s.endSession(sess, "server shutting down")
 			}
 			return
@@ -148,7 +148,7 @@ func (s *Server) reap() {
 			if ping {
 				pinged = now
 			}
-			for _, sess := range s.reg.list() {
+			for _, sess := range s.reg.sessions() {
 				if cause := endedBy(sess, idle); cause != "" {
 					s.endSession(sess, cause)
 					continue

@@ -106,13 +106,6 @@ func (r *registry) room(id string, max, maxPerID int) *httperr.Error {
 	return nil
 }
 
-// list returns every session; the caller may keep it (copied on write).
-func (r *registry) list() []*session {
-	r.mu.RLock()
-	defer r.mu.RUnlock()
-	return r.all
-}
-
 // remove drops s and returns how many sessions its client id has left.
 func (r *registry) remove(s *session) int {
 	s.gone.Store(true)
