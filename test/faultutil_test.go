@@ -315,6 +315,25 @@ func (p *wspProcess) listening(t *testing.T) string {
 	return ""
 }
 
+// logged waits up to 10 s for a log line matching re and returns its first
+// submatch.
+func (p *wspProcess) logged(t *testing.T, re *regexp.Regexp) string {
+	t.Helper()
+	var found string
+	waitFor(t, "a log line matching "+re.String(), func() bool {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		for _, line := range p.log {
+			if m := re.FindStringSubmatch(line); m != nil {
+				found = m[1]
+				return true
+			}
+		}
+		return false
+	})
+	return found
+}
+
 // wait waits up to limit for the process to exit and returns its exit code
 // (-1 if it did not exit in time).
 func (p *wspProcess) wait(limit time.Duration) int {

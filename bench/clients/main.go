@@ -29,14 +29,15 @@ func main() {
 	pid := flag.Int("pid", 0, "server process id, to read its memory")
 	n := flag.Int("n", 1000, "sessions to open")
 	parallel := flag.Int("parallel", 64, "handshakes at once")
+	hold := flag.Duration("hold", 0, "keep the sessions open this long after measuring (to inspect the server)")
 	flag.Parse()
-	if err := run(*server, *pid, *n, *parallel); err != nil {
+	if err := run(*server, *pid, *n, *parallel, *hold); err != nil {
 		fmt.Fprintln(os.Stderr, "clients:", err)
 		os.Exit(1)
 	}
 }
 
-func run(server string, pid, n, parallel int) error {
+func run(server string, pid, n, parallel int, hold time.Duration) error {
 	before, err := rssKiB(pid)
 	if err != nil {
 		return err
@@ -103,6 +104,7 @@ func run(server string, pid, n, parallel int) error {
 	fmt.Printf("sessions: %d connected in %v (%.0f/s)\n", n, connectTime.Round(time.Millisecond), float64(n)/connectTime.Seconds())
 	fmt.Printf("server RSS: %.1f MiB before, %.1f MiB after: %.1f KiB per idle session\n", float64(before)/1024, float64(after)/1024, float64(after-before)/float64(n))
 	fmt.Printf("request to session %d of %d: %d %q\n", pick, n, resp.StatusCode, body)
+	time.Sleep(hold)
 	for _, s := range sessions {
 		s.Close()
 	}

@@ -39,7 +39,9 @@ func runServer(ctx context.Context, args []string, stderr io.Writer) error {
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
-	log := newLogger(cfg.LogFormat, stderr)
+	lw := newLogWriter(stderr)
+	defer lw.Flush()
+	log := newLogger(cfg.LogFormat, lw)
 	server.Version = version
 	if cfg.Cluster.Enabled() {
 		cluster.RouteLibraryLog(log)

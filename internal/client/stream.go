@@ -29,7 +29,7 @@ const (
 var (
 	streamReaders = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 4096) }}
 	streamWriters = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 4096) }}
-	copyBuffers   = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+	copyBuffers   = sync.Pool{New: func() any { b := make([]byte, tunnel.CopyBufferSize); return &b }}
 )
 
 // hopHeaders are meaningful for one connection only (RFC 9110 7.6.1).

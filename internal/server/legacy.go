@@ -75,7 +75,7 @@ func (s *Server) registerLegacy(w http.ResponseWriter, r *http.Request) {
 	}
 	ws.SetReadDeadline(time.Time{})
 	lc := newLegacyConn(ws, int64(s.cfg.MaxMessageBytes), s.cfg.LegacyTimeout.D())
-	s.serveSession(&session{
+	s.startSession(&session{
 		conn:       lc,
 		legacy:     lc,
 		clientID:   clientID,

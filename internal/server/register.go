@@ -81,19 +81,31 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 		maxStreams: int64(min(hello.MaxStreams, s.cfg.MaxStreams)),
 		rules:      clientRules,
 	}
-	s.serveSession(sess)
+	s.startSession(sess)
 }
 
-// serveSession keeps sess in the registry until it ends, and logs both.
-// The caller has counted it in s.sessions (enter); serveSession counts it out.
-func (s *Server) serveSession(sess *session) {
-	defer s.sessions.Done()
+// startSession puts sess in the registry, where requests find it, until
+// the reaper ends it. The caller has counted it in s.sessions (enter).
+// Nothing waits on the session from here: the handler that registered it
+// returns, freeing its goroutine and buffers (see reap).
+func (s *Server) startSession(sess *session) {
 	s.reg.add(sess)
 	s.clusterChanged()
 	s.metrics.SessionUp(sess.clientID)
 	s.log.Info("client connected", "client", sess.clientID, "session", sess.id, "remote", sess.remote, "version", sess.version)
+	select {
+	case <-s.closing: // the reaper's last sweep may have missed it
+		s.endSession(sess, "server shutting down")
+	default:
+	}
+}
 
-	cause := s.watch(sess)
+// endSession takes sess out of the registry, closes it and logs why it
+// ended. Only the first call for a session does anything.
+func (s *Server) endSession(sess *session, cause string) {
+	if !sess.ended.CompareAndSwap(false, true) {
+		return
+	}
 	left := s.reg.remove(sess)
 	if left == 0 {
 		s.clusterChanged() // the directory drops the id
@@ -102,35 +114,96 @@ func (s *Server) serveSession(sess *session) {
 	sess.Close()
 	s.log.Info("client disconnected", "client", sess.clientID, "session", sess.id, "remote", sess.remote,
 		"cause", cause, "duration", time.Since(sess.since).Round(time.Millisecond), "requests", sess.requests.Load())
+	s.sessions.Done()
 }
 
-// watch waits for sess to end and says why.
-func (s *Server) watch(sess *session) string {
+// reapPeriod bounds how long an ended session stays in the registry (a
+// request that picks it in the meantime goes to another: nothing was sent)
+// and how late idletimeout is noticed.
+const reapPeriod = 100 * time.Millisecond
+
+// reap ends the sessions that closed or stayed silent past idletimeout,
+// closes streams idle too long, and at shutdown ends every session. One
+// goroutine looks after all sessions, rather than one each: at 10,000
+// clients a waiting goroutine per session, with the registration request
+// and buffers it kept, was a third of the server's memory.
+func (s *Server) reap() {
+	defer close(s.reaped)
 	idle := s.cfg.IdleTimeout.D()
-	period := idleStreamTimeout / 4
+	period := reapPeriod
 	if idle > 0 {
 		period = min(period, max(idle/4, 10*time.Millisecond))
 	}
 	t := time.NewTicker(period)
 	defer t.Stop()
+	swept, pinged := time.Now(), time.Now()
 	for {
 		select {
-		case <-sess.CloseChan():
-			if err := sess.Err(); err != nil {
-				return "connection lost: " + err.Error()
-			}
-			return "connection lost"
 		case <-s.closing:
-			return "server shutting down"
-		case <-t.C:
-			if d := sess.IdleFor(); idle > 0 && d > idle {
-				return fmt.Sprintf("nothing received for %s (idletimeout)", d.Round(time.Millisecond))
+			for _, sess := range s.reg.sessions() {
+				s.endSession(sess, "server shutting down")
 			}
-			if sess.mux != nil {
-				sess.closeIdleStreams(time.Now().Add(-idleStreamTimeout))
+			return
+		case now := <-t.C:
+			sweep := now.Sub(swept) >= idleStreamTimeout/4
+			if sweep {
+				swept = now
+			}
+			ping := now.Sub(pinged) >= s.tunnel.KeepAlive
+			if ping {
+				pinged = now
+			}
+			for _, sess := range s.reg.sessions() {
+				if cause := endedBy(sess, idle); cause != "" {
+					s.endSession(sess, cause)
+					continue
+				}
+				if sess.mux == nil {
+					continue // legacy clients answer WebSocket pings on their own
+				}
+				if sweep {
+					sess.closeIdleStreams(now.Add(-idleStreamTimeout))
+				}
+				if ping {
+					s.ping(sess)
+				}
 			}
 		}
 	}
+}
+
+// ping checks that sess's client still answers, unless the last ping is
+// still out: a client that does not answer within keepalive has its
+// session ended (ConnectionWriteTimeout bounds Ping). A goroutine lives
+// for each ping's round trip only.
+func (s *Server) ping(sess *session) {
+	if !sess.pinging.CompareAndSwap(false, true) {
+		return
+	}
+	s.pings.Add(1)
+	go func() {
+		defer s.pings.Done()
+		defer sess.pinging.Store(false)
+		if _, err := sess.mux.Ping(); err != nil && !sess.mux.IsClosed() {
+			s.endSession(sess, fmt.Sprintf("no answer to a keepalive ping within %s", s.tunnel.KeepAlive))
+		}
+	}()
+}
+
+// endedBy says why sess is over, or "" while it is not.
+func endedBy(sess *session, idle time.Duration) string {
+	select {
+	case <-sess.CloseChan():
+		if err := sess.Err(); err != nil {
+			return "connection lost: " + err.Error()
+		}
+		return "connection lost"
+	default:
+	}
+	if d := sess.IdleFor(); idle > 0 && d > idle {
+		return fmt.Sprintf("nothing received for %s (idletimeout)", d.Round(time.Millisecond))
+	}
+	return ""
 }
 
 // refuse answers a registration that failed before the upgrade and logs it

@@ -42,6 +42,8 @@ type session struct {
 	bytesOut atomic.Int64 // answer bytes relayed to apps, likewise
 	lastErr  atomic.Pointer[ErrorInfo]
 	gone     atomic.Bool // closed, or the client said go away: never picked again
+	ended    atomic.Bool // endSession ran
+	pinging  atomic.Bool // a keepalive ping is out
 
 	mu   sync.Mutex
 	idle []idleStream // guarded by mu; oldest first. len(idle)+inflight <= maxStreams

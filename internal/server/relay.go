@@ -110,9 +110,9 @@ func parseDestination(raw string) (*url.URL, error) {
 	return u, nil
 }
 
-var copyBuffers = &bufferPool{sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}}
+var copyBuffers = &bufferPool{sync.Pool{New: func() any { b := make([]byte, tunnel.CopyBufferSize); return &b }}}
 
-// bufferPool spares ReverseProxy a 32 KiB allocation per request.
+// bufferPool spares ReverseProxy a copy buffer allocation per request.
 type bufferPool struct{ p sync.Pool }
 
 func (b *bufferPool) Get() []byte  { return *b.p.Get().(*[]byte) }

@@ -42,8 +42,10 @@ type Server struct {
 	transport *transport
 	upgrader  *websocket.Upgrader
 
-	draining atomic.Bool   // set when Serve's context ends: /readyz fails, /register refuses
-	closing  chan struct{} // closed when the drain is over: sessions end
+	draining atomic.Bool    // set when Serve's context ends: /readyz fails, /register refuses
+	closing  chan struct{}  // closed when the drain is over: sessions end
+	reaped   chan struct{}  // closed when the reaper has ended every session
+	pings    sync.WaitGroup // keepalive pings in flight
 	sessions sync.WaitGroup
 	tunnels  sync.WaitGroup // CONNECT tunnels: hijacked, so http.Server does not wait for them
 	certs    *certStore     // nil without TLS
@@ -68,6 +70,7 @@ func New(cfg config.Server, log *slog.Logger) (*Server, error) {
 	}
 	tc := tunnel.DefaultConfig()
 	tc.KeepAlive = cfg.KeepAlive.D()
+	tc.OwnerPings = true // the reaper pings every session
 	if err := tc.Validate(); err != nil {
 		return nil, fmt.Errorf("tunnel settings: %w", err)
 	}
@@ -82,6 +85,7 @@ func New(cfg config.Server, log *slog.Logger) (*Server, error) {
 		started:  time.Now(),
 		upgrader: tunnel.NewUpgrader(cfg.HandshakeTimeout.D()),
 		closing:  make(chan struct{}),
+		reaped:   make(chan struct{}),
 	}
 	if cfg.TLS.Enabled() {
 		if s.certs, err = newCertStore(cfg.TLS); err != nil {
@@ -141,6 +145,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	}
 	s.startCluster()
 	defer s.closeCluster()
+	go s.reap()
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(ln) }()
 	select {
@@ -216,7 +221,9 @@ func (s *Server) closeSessions() {
 	s.stopped = true
 	s.stopMu.Unlock()
 	close(s.closing)
+	<-s.reaped
 	s.sessions.Wait()
+	s.pings.Wait()
 }
 
 // enter counts a session or tunnel about to leave http.Server's tracking

@@ -37,7 +37,7 @@ func closeWrite(c net.Conn) {
 	}
 }
 
-var joinBuffers = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+var joinBuffers = sync.Pool{New: func() any { b := make([]byte, CopyBufferSize); return &b }}
 
 // Join copies a to b and b to a until both directions end, and closes both.
 // When one side ends its direction (EOF), the other side gets a half-close,

@@ -33,6 +33,10 @@ type Config struct {
 	StreamWindow uint32
 	// AcceptBacklog bounds streams opened but not yet accepted.
 	AcceptBacklog int
+	// OwnerPings: the session's owner calls Ping every KeepAlive and closes
+	// the session when it fails, instead of each session running a
+	// goroutine of its own for it (the server, holding thousands).
+	OwnerPings bool
 }
 
 // DefaultConfig returns the settings both sides use unless configured.
@@ -52,11 +56,11 @@ func (c Config) Validate() error {
 func (c Config) yamux() *yamux.Config {
 	y := yamux.DefaultConfig()
 	y.AcceptBacklog = c.AcceptBacklog
-	y.EnableKeepAlive = c.KeepAlive > 0
+	y.EnableKeepAlive = c.KeepAlive > 0 && !c.OwnerPings
 	if c.KeepAlive > 0 {
 		y.KeepAliveInterval = c.KeepAlive
 		// A ping waits this long for its answer: silent for two intervals
-		// in all means dead.
+		// in all means dead. This holds for OwnerPings too.
 		y.ConnectionWriteTimeout = c.KeepAlive
 	}
 	y.MaxStreamWindowSize = c.StreamWindow
@@ -72,13 +76,20 @@ type Session struct {
 	conn *frameConn
 }
 
-// Buffer sizes of the WebSocket under a session. A frame is written as one
-// WebSocket frame when it fits the write buffer, so the buffer matches the
-// largest frame the send path produces (see the relays' copy buffers); the
-// write buffer is pooled, so an idle session holds none.
+// Buffer sizes. CopyBufferSize is what the relays (server, client, Join)
+// read and write at a time: bulk transfers cost a few syscalls per read
+// and per frame, so bigger chunks move more bytes per syscall (see
+// docs/performance.md). A frame is written as one WebSocket
+// frame when it fits the write buffer, so the write buffer holds the
+// largest frame the relays produce; it is pooled, so an idle session holds
+// none.
 const (
-	ReadBufferSize  = 16 << 10
-	WriteBufferSize = 64<<10 + yamuxHeaderSize + 14
+	CopyBufferSize = 128 << 10
+	ReadBufferSize = 16 << 10
+	// ServerReadBufferSize is the server's WebSocket read buffer per
+	// session (http.Server's 4 KiB one is let go at the upgrade).
+	ServerReadBufferSize = 1 << 10
+	WriteBufferSize      = CopyBufferSize + yamuxHeaderSize + 14
 )
 
 // WriteBufferPool is shared by every session's WebSocket writes.
@@ -139,10 +150,10 @@ func NewUpgrader(handshakeTimeout time.Duration) *websocket.Upgrader {
 	return &websocket.Upgrader{
 		HandshakeTimeout: handshakeTimeout,
 		Subprotocols:     []string{Subprotocol},
-		// 0: read through the buffer http.Server already has for the
-		// connection (4 KiB) rather than a new one: thousands of idle
-		// sessions each keep it.
-		ReadBufferSize:  0,
+		// Small: thousands of idle sessions each keep it. yamux reads
+		// through a 4 KiB buffer of its own, so frame bodies bypass this
+		// one; it holds WebSocket frame headers and small frames.
+		ReadBufferSize:  ServerReadBufferSize,
 		WriteBufferSize: WriteBufferSize,
 		WriteBufferPool: WriteBufferPool,
 		// Refusals are answered before the upgrade, as plain HTTP.
