@@ -1,6 +1,7 @@
 package test
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"wsp/internal/config"
+	"wsp/internal/tunnel"
 )
 
 // TestManyPostsDoNotExhaustStreams: requests with a body open fresh
@@ -194,4 +196,82 @@ func rawDestination(t *testing.T, serve func(net.Conn)) string {
 		wg.Wait()
 	})
 	return ln.Addr().String()
+}
+
+// TestResetStreamGoesElsewhere: a stream the client's multiplexer resets
+// (it crossed the client's go-away, or its accept backlog was full) was
+// never read, so a request without a body on it goes to another session
+// rather than failing with 502.
+func TestResetStreamGoesElsewhere(t *testing.T) {
+	cfg := serverConfig()
+	cfg.Timeout = config.Duration(5 * time.Second)
+	r := startServer(t, cfg, nil)
+	b := backend(t, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "served") }))
+
+	// A session that never accepts a stream and keeps a backlog of one:
+	// the first request waits in it, the next one is reset.
+	tc := tunnel.DefaultConfig()
+	tc.AcceptBacklog = 1
+	hello := tunnel.Hello{ClientID: "rst", MaxStreams: 2, Version: "test"}
+	ws, _, err := tunnel.NewDialer(5*time.Second).Dial("ws://"+r.addr+"/register", hello.Header())
+	if err != nil {
+		t.Fatal(err)
+	}
+	stuck, err := tunnel.NewClientSession(ws, tc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stuck.Close()
+	waitFor(t, "the session to register", func() bool { return r.sessions() == 1 })
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	first := r.request(t, "GET", b.URL, nil)
+	first.Header.Set("X-Proxy-Client", "rst")
+	firstDone := make(chan struct{})
+	go func() {
+		defer close(firstDone)
+		if resp, err := testHTTP.Do(first.WithContext(ctx)); err == nil {
+			resp.Body.Close()
+		}
+	}()
+	waitFor(t, "the first request to wait in the backlog", func() bool { return r.inflight() == 1 })
+
+	second := r.request(t, "GET", b.URL, nil)
+	second.Header.Set("X-Proxy-Client", "rst")
+	type result struct {
+		status int
+		body   string
+		err    error
+	}
+	res := make(chan result, 1)
+	go func() {
+		resp, err := testHTTP.Do(second)
+		if err != nil {
+			res <- result{err: err}
+			return
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		res <- result{status: resp.StatusCode, body: string(body)}
+	}()
+	// The reset comes at once; a real client of the pool connects after
+	// it, and the retried request waits for it (timeout 5s).
+	time.Sleep(200 * time.Millisecond)
+	select {
+	case got := <-res:
+		t.Fatalf("the reset request ended before another session could take it: %d %q %v", got.status, got.body, got.err)
+	default:
+	}
+	startClient(t, clientConfig(r, "rst"))
+	select {
+	case got := <-res:
+		if got.err != nil || got.status != 200 || got.body != "served" {
+			t.Fatalf("reset request: %d %q %v, want 200 from the other session", got.status, got.body, got.err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the reset request got no answer")
+	}
+	cancel()
+	<-firstDone
 }

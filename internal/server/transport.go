@@ -158,6 +158,9 @@ func (t *transport) exchange(req *http.Request, s *session, st *yamux.Stream, re
 		}
 		bw.Reset(nil)
 		writerPool.Put(bw)
+		if errors.Is(err, yamux.ErrConnectionReset) {
+			return fail(errClosedIdle) // refused unread: see below
+		}
 		if err != nil {
 			return fail(broken(err))
 		}
@@ -215,6 +218,12 @@ func (t *transport) exchange(req *http.Request, s *session, st *yamux.Stream, re
 			// closed the stream idle, or refused it while draining), so
 			// the request may go elsewhere. A dying session also ends its
 			// streams with EOF, and then the request may have run.
+			return fail(errClosedIdle)
+		}
+		if errors.Is(err, yamux.ErrConnectionReset) && sent == nil {
+			// The client's multiplexer reset the stream: it never handed it
+			// to the client (the stream crossed the client's go-away, or its
+			// accept backlog was full), so the request did not run.
 			return fail(errClosedIdle)
 		}
 		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
