@@ -24,7 +24,7 @@ type backendConn struct {
 type backendPool struct {
 	dialer      net.Dialer
 	tls         *tls.Config // for https destinations; cloned per dial for ServerName
-	maxIdle     int         // per destination
+	maxIdle     func() int  // per destination; read at each put, so it may grow
 	idleTimeout time.Duration
 
 	mu     sync.Mutex
@@ -32,7 +32,7 @@ type backendPool struct {
 	closed bool                      // guarded by mu
 }
 
-func newBackendPool(dialTimeout time.Duration, maxIdle int) *backendPool {
+func newBackendPool(dialTimeout time.Duration, maxIdle func() int) *backendPool {
 	return &backendPool{
 		dialer:      net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second},
 		tls:         &tls.Config{NextProtos: []string{"http/1.1"}},
@@ -113,7 +113,7 @@ func (p *backendPool) takeIdle(key string) *backendConn {
 func (p *backendPool) put(bc *backendConn) {
 	bc.idled = time.Now()
 	p.mu.Lock()
-	if p.closed || len(p.idle[bc.key]) >= p.maxIdle || bc.br.Buffered() > 0 {
+	if p.closed || len(p.idle[bc.key]) >= p.maxIdle() || bc.br.Buffered() > 0 {
 		p.mu.Unlock()
 		bc.Close()
 		return

@@ -47,7 +47,6 @@ type slot struct {
 	live    bool      // a session is up
 	via     string    // the address of the live session, or of the last attempt
 	node    string    // the node the live session landed on
-	nodes   int       // the node count that node reported
 	session string    // the live session's id
 	since   time.Time // when the live session came up
 	lastErr string    // why the last attempt or session ended
@@ -58,8 +57,10 @@ type slot struct {
 // network. Not safe for concurrent use: the group's mu guards it.
 type book struct {
 	slots []*slot // in creation order; retired ones until their goroutine ends
-	// hint is the node count the servers report: the largest among the
-	// live sessions, or the last known one while none is up.
+	// hint is the node count of the newest answer from the servers,
+	// whether its session was kept or not, and whichever sessions are up
+	// since: an older answer never outvotes a newer one, and retiring a
+	// session changes nothing.
 	hint int
 }
 
@@ -85,30 +86,25 @@ func (b *book) addresses() []string {
 }
 
 // syncAddrs makes the address slots follow addrs: it adds a slot for each
-// new address and retires the slots of vanished ones, and extras whose
-// session went through a vanished address (they dial again through one
-// that is left, if still needed).
+// new address and retires the slots of vanished ones. Extras stay: one
+// whose session went through a vanished address keeps it until it ends
+// (the node may well still be there), then dials through one that is left.
 func (b *book) syncAddrs(addrs []string) (added, retire []*slot) {
 	want := make(map[string]bool, len(addrs))
 	for _, a := range addrs {
 		want[a] = true
 	}
 	have := map[string]bool{}
-	for _, s := range b.slots {
-		if s.retired {
-			continue
-		}
+	b.active(func(s *slot) {
 		switch {
-		case !s.extra && !want[s.addr]:
+		case s.extra:
+		case !want[s.addr]:
 			s.retired = true
 			retire = append(retire, s)
-		case !s.extra:
+		default:
 			have[s.addr] = true
-		case s.live && !want[s.via]:
-			s.retired = true
-			retire = append(retire, s)
 		}
-	}
+	})
 	for _, a := range addrs {
 		if !have[a] {
 			have[a] = true
@@ -117,30 +113,34 @@ func (b *book) syncAddrs(addrs []string) (added, retire []*slot) {
 			added = append(added, s)
 		}
 	}
-	if len(retire) > 0 {
-		b.updateHint()
-	}
 	return added, retire
 }
 
 // planExtras says which extra slots to add, or to retire, so that address
 // slots and extras together are as many as the servers' node count, never
-// more: extras only make up for address slots a load balancer hides.
+// more: extras only make up for address slots a load balancer hides. An
+// extra is added only while no other is looking for a node (not up): with
+// a node count that cannot be reached, one slot keeps looking, not one per
+// missing node.
 func (b *book) planExtras() (added, retire []*slot) {
-	var addrSlots int
+	var addrSlots, looking int
 	var extras []*slot
 	b.active(func(s *slot) {
-		if s.extra {
-			extras = append(extras, s)
-		} else {
+		switch {
+		case !s.extra:
 			addrSlots++
+		case !s.live:
+			looking++
+			fallthrough
+		default:
+			extras = append(extras, s)
 		}
 	})
 	want := 0
 	if b.hint > 0 {
 		want = max(0, b.hint-addrSlots)
 	}
-	for range want - len(extras) {
+	if len(extras) < want && looking == 0 {
 		s := &slot{extra: true}
 		b.slots = append(b.slots, s)
 		added = append(added, s)
@@ -164,19 +164,28 @@ func (b *book) planExtras() (added, retire []*slot) {
 }
 
 // via is the address s dials next: its own, or for an extra the group's
-// addresses in turn.
-func (b *book) via(s *slot) string {
+// addresses in turn. ok is false for an extra when the group has no
+// address (it then waits, rather than dial the name through the system's
+// resolver).
+func (b *book) via(s *slot) (addr string, ok bool) {
 	if !s.extra {
 		s.via = s.addr
-		return s.via
+		return s.via, true
 	}
 	addrs := b.addresses()
 	if len(addrs) == 0 {
-		return ""
+		return "", false
 	}
 	s.via = addrs[s.turn%len(addrs)]
 	s.turn++
-	return s.via
+	return s.via, true
+}
+
+// round is how many sessions in a row s may see land on held nodes before
+// it pauses: one through each address, and at least one per node, so a
+// balancer handing connections out in turn shows it every node.
+func (b *book) round() int {
+	return max(1, len(b.addresses()), b.hint)
 }
 
 // verdict is what admit decides about a new session.
@@ -184,48 +193,50 @@ type verdict int
 
 const (
 	keep      verdict = iota // s is live
-	duplicate                // landed on a node the target holds while another is missing: close it, retry later
+	duplicate                // landed on a node the target holds while another is missing: close it, retry soon
+	redundant                // landed on a node the target holds, none missing (or no count known): close it, retry late
 	unwanted                 // s was retired meanwhile: close it, stop
 )
 
 // admit decides on a session of s that went through via and landed on
-// a.node. It is a duplicate when the servers gave a node count, another
-// session of the target holds that node, and some node is still missing:
-// the slot closes it and tries again, to land elsewhere. Once every node
-// is held, a session on a held node is kept: retrying cannot do better
-// (more addresses than nodes, as with a load balancer's several addresses
-// or a node's IPv4 and IPv6 ones).
+// a.node, whose answer becomes the node count. A session on a node that
+// another session of the target holds is not kept: retrying may land on
+// a missing node (duplicate), and while none is missing or no count is
+// known (an IPv4 and an IPv6 address of one node, a balancer's several
+// addresses) a second session to a node only costs it memory (redundant).
+// An answer without a node name (a server before X-Wsp-Node) is kept.
 func (b *book) admit(s *slot, via string, a answer) verdict {
 	s.via = via
+	b.hint = a.nodes
 	if s.retired {
 		return unwanted
 	}
-	if hint := max(b.hint, a.nodes); hint > 0 && a.node != "" {
+	if a.node != "" {
 		held := map[string]bool{}
 		b.active(func(o *slot) {
 			if o != s && o.live && o.node != "" {
 				held[o.node] = true
 			}
 		})
-		if held[a.node] && len(held) < hint {
-			return duplicate
+		if held[a.node] {
+			if len(held) < b.hint {
+				return duplicate
+			}
+			return redundant
 		}
 	}
-	s.live, s.node, s.nodes, s.session, s.since, s.lastErr = true, a.node, a.nodes, a.session, time.Now(), ""
-	b.updateHint()
+	s.live, s.node, s.session, s.since, s.lastErr = true, a.node, a.session, time.Now(), ""
 	return keep
 }
 
 // release records that s's session ended, and why.
 func (b *book) release(s *slot, cause string) {
-	s.live, s.node, s.nodes, s.session, s.since, s.lastErr = false, "", 0, "", time.Time{}, cause
-	b.updateHint()
+	s.live, s.node, s.session, s.since, s.lastErr = false, "", "", time.Time{}, cause
 }
 
 // remove drops s, whose goroutine has ended.
 func (b *book) remove(s *slot) {
 	b.slots = slices.DeleteFunc(b.slots, func(o *slot) bool { return o == s })
-	b.updateHint()
 }
 
 // distinct counts the nodes the active slots' sessions landed on.
@@ -239,17 +250,11 @@ func (b *book) distinct() int {
 	return len(held)
 }
 
-// updateHint takes the node count from the live sessions; with none up it
-// keeps the last one known, so extras keep dialing while nodes restart.
-func (b *book) updateHint() {
-	hint, live := 0, false
-	b.active(func(s *slot) {
-		if s.live {
-			live = true
-			hint = max(hint, s.nodes)
-		}
+// anyLive reports whether a session of an active slot other than s is up.
+func (b *book) anyLive(s *slot) bool {
+	live := false
+	b.active(func(o *slot) {
+		live = live || (o != s && o.live)
 	})
-	if live {
-		b.hint = hint
-	}
+	return live
 }

@@ -128,22 +128,37 @@ func TestSyncAddrs(t *testing.T) {
 	}
 }
 
-// A live extra that went through a vanished address is retired; one that
-// did not, or is not up, stays.
-func TestSyncAddrsRetiresExtrasThroughVanishedAddress(t *testing.T) {
+// An extra whose session went through a vanished address keeps it until
+// it ends: the node behind may well still be there.
+func TestSyncAddrsKeepsExtras(t *testing.T) {
 	var b book
 	b.syncAddrs([]string{"10.0.0.1", "10.0.0.2"})
-	through1 := &slot{extra: true, live: true, via: "10.0.0.1", node: "a", nodes: 4}
-	through2 := &slot{extra: true, live: true, via: "10.0.0.2", node: "b", nodes: 4}
+	through2 := &slot{extra: true, live: true, via: "10.0.0.2", node: "b"}
 	dialing := &slot{extra: true, via: "10.0.0.2"}
-	b.slots = append(b.slots, through1, through2, dialing)
+	b.slots = append(b.slots, through2, dialing)
 	_, retire := b.syncAddrs([]string{"10.0.0.1"})
-	if !slices.Equal(retire, []*slot{b.slots[1], through2}) {
-		t.Fatalf("retired %q, want the slot of 10.0.0.2 and the extra through it", addrsOf(retire))
+	if !slices.Equal(retire, []*slot{b.slots[1]}) {
+		t.Fatalf("retired %q, want the slot of 10.0.0.2 alone", addrsOf(retire))
 	}
-	if through1.retired || dialing.retired {
-		t.Error("retired an extra that did not go through the vanished address")
+	if through2.retired || dialing.retired {
+		t.Error("retired an extra because of the address it went through")
 	}
+	// Once its session ends it dials through an address that is left.
+	b.release(through2, "lost")
+	if via, ok := b.via(through2); via != "10.0.0.1" || !ok {
+		t.Errorf("the extra dials %q, %v next, want 10.0.0.1", via, ok)
+	}
+}
+
+// extrasOf lists the active extras of b.
+func extrasOf(b *book) []*slot {
+	var out []*slot
+	b.active(func(s *slot) {
+		if s.extra {
+			out = append(out, s)
+		}
+	})
+	return out
 }
 
 func TestPlanExtras(t *testing.T) {
@@ -156,37 +171,45 @@ func TestPlanExtras(t *testing.T) {
 	if v := b.admit(lb, "10.0.0.1", answer{node: "a", nodes: 3}); v != keep {
 		t.Fatalf("first session: %v", v)
 	}
-	added, _ := b.planExtras()
-	if len(added) != 2 || !added[0].extra || !added[1].extra {
-		t.Fatalf("node count 3 through one address: added %q, want two extras", addrsOf(added))
+	// Node count 3 through one address: two extras, one at a time.
+	first, _ := b.planExtras()
+	if len(first) != 1 || !first[0].extra {
+		t.Fatalf("node count 3 through one address: added %q, want one extra", addrsOf(first))
 	}
 	if added, retire := b.planExtras(); len(added)+len(retire) != 0 {
-		t.Fatalf("planning again: added %d, retired %d", len(added), len(retire))
+		t.Fatalf("planning again while the extra looks: added %d, retired %d", len(added), len(retire))
 	}
-	// One extra lands; the servers then say 2 nodes: the extra without a
-	// session goes first.
-	up, down := added[0], added[1]
-	b.admit(up, "10.0.0.1", answer{node: "b", nodes: 3})
-	b.release(lb, "restart")
+	b.admit(first[0], "10.0.0.1", answer{node: "b", nodes: 3})
+	second, _ := b.planExtras()
+	if len(second) != 1 {
+		t.Fatalf("once the first extra is up: added %d, want the second", len(second))
+	}
+	if added, _ := b.planExtras(); len(added) != 0 {
+		t.Fatalf("beyond the node count: added %d", len(added))
+	}
+	// The servers then say 2 nodes: the extra without a session goes first.
 	b.admit(lb, "10.0.0.1", answer{node: "a", nodes: 2})
-	b.release(up, "restart")
-	b.admit(up, "10.0.0.1", answer{node: "b", nodes: 2})
 	if b.hint != 2 {
-		t.Fatalf("hint = %d after every session reported 2", b.hint)
+		t.Fatalf("hint = %d after the newest answer said 2", b.hint)
 	}
 	_, retire := b.planExtras()
-	if !slices.Equal(retire, []*slot{down}) {
+	if !slices.Equal(retire, []*slot{second[0]}) {
 		t.Fatalf("node count 2: retired %v, want the extra without a session", retire)
+	}
+	if b.hint != 2 {
+		t.Fatalf("hint = %d after retiring an extra, want 2 still", b.hint)
 	}
 	// Discovery finds 3 addresses: no extra is needed any more.
 	if _, retire := b.syncAddrs([]string{"10.0.0.1", "10.0.0.2", "10.0.0.3"}); len(retire) != 0 {
 		t.Fatalf("more addresses retired %v", retire)
 	}
-	if _, retire := b.planExtras(); !slices.Equal(retire, []*slot{up}) {
+	if _, retire := b.planExtras(); !slices.Equal(retire, []*slot{first[0]}) {
 		t.Fatalf("as many addresses as nodes: retired %v, want the last extra", retire)
 	}
 }
 
+// However many extras a node count asks for, they are added one at a time,
+// each once the one before is up, and never beyond the count.
 func TestPlanExtrasNeverBeyondNodeCount(t *testing.T) {
 	for _, tt := range []struct{ addrs, hint, want int }{
 		{1, 0, 0}, {1, 1, 0}, {1, 3, 2}, {2, 3, 1}, {3, 3, 0}, {5, 3, 0}, {1, maxNodesHint, maxNodesHint - 1},
@@ -198,10 +221,46 @@ func TestPlanExtrasNeverBeyondNodeCount(t *testing.T) {
 		}
 		b.syncAddrs(addrs)
 		b.hint = tt.hint
-		added, _ := b.planExtras()
-		if len(added) != tt.want {
-			t.Errorf("%d addresses, %d nodes: %d extras, want %d", tt.addrs, tt.hint, len(added), tt.want)
+		for i := 0; ; i++ {
+			added, _ := b.planExtras()
+			if len(added) == 0 {
+				break
+			}
+			if len(added) > 1 {
+				t.Fatalf("%d addresses, %d nodes: %d extras added at once", tt.addrs, tt.hint, len(added))
+			}
+			added[0].live, added[0].node = true, fmt.Sprint("n", i)
 		}
+		if got := len(extrasOf(&b)); got != tt.want {
+			t.Errorf("%d addresses, %d nodes: %d extras, want %d", tt.addrs, tt.hint, got, tt.want)
+		}
+	}
+}
+
+// With a node count the live nodes never reach, one extra looks for the
+// missing nodes, not one per missing node; an extra whose session ended
+// looks again beside it.
+func TestPlanExtrasOneLooking(t *testing.T) {
+	var b book
+	b.syncAddrs([]string{""})
+	b.admit(b.slots[0], "", answer{node: "a", nodes: 10})
+	e1, _ := b.planExtras()
+	b.admit(e1[0], "", answer{node: "b", nodes: 10})
+	e2, _ := b.planExtras()
+	for range 5 {
+		if added, _ := b.planExtras(); len(added) != 0 {
+			t.Fatalf("added %d extras while one looks", len(added))
+		}
+	}
+	if n := len(b.slots); n != 3 {
+		t.Fatalf("%d slots for 2 live nodes and a count of 10, want 3", n)
+	}
+	b.release(e1[0], "lost")
+	if added, _ := b.planExtras(); len(added) != 0 {
+		t.Fatalf("added %d extras while two look", len(added))
+	}
+	if e2[0].retired || e1[0].retired {
+		t.Error("an extra looking was retired")
 	}
 }
 
@@ -216,22 +275,24 @@ func TestAdmit(t *testing.T) {
 		nodes int
 		want  verdict
 	}{
-		{"no node count: a second session on a node is kept",
-			[]sl{{"", "a"}, {"+", ""}}, "a", 0, keep},
+		{"no node count: a second session on a node is redundant",
+			[]sl{{"", "a"}, {"+", ""}}, "a", 0, redundant},
+		{"two addresses of one node, no node count (IPv4 and IPv6)",
+			[]sl{{"127.0.0.1", "a"}, {"::1", ""}}, "a", 0, redundant},
+		{"no node count: another node",
+			[]sl{{"10.0.0.1", "a"}, {"10.0.0.2", ""}}, "b", 0, keep},
 		{"extra on a held node while nodes are missing",
 			[]sl{{"", "a"}, {"+", ""}}, "a", 3, duplicate},
 		{"extra on a new node",
 			[]sl{{"", "a"}, {"+", ""}}, "b", 3, keep},
-		{"node count known from the other sessions",
-			[]sl{{"", "a"}, {"+", ""}}, "a", -3, duplicate},
 		{"every node reached: nothing better to find",
-			[]sl{{"", "a"}, {"+", "b"}, {"+", ""}}, "a", 2, keep},
+			[]sl{{"", "a"}, {"+", "b"}, {"+", ""}}, "a", 2, redundant},
 		{"address slot behind a load balancer",
 			[]sl{{"10.0.0.1", "a"}, {"10.0.0.2", ""}}, "a", 3, duplicate},
 		{"two addresses on one node while a node is missing",
 			[]sl{{"10.0.0.1", "a"}, {"10.0.0.2", ""}, {"10.0.0.3", "c"}}, "a", 3, duplicate},
 		{"more addresses than nodes, every node held",
-			[]sl{{"10.0.0.1", "a"}, {"10.0.0.2", "b"}, {"10.0.0.3", ""}}, "a", 2, keep},
+			[]sl{{"10.0.0.1", "a"}, {"10.0.0.2", "b"}, {"10.0.0.3", ""}}, "a", 2, redundant},
 		{"a server without a name",
 			[]sl{{"", "a"}, {"+", ""}}, "", 3, keep},
 		{"the first session",
@@ -244,14 +305,13 @@ func TestAdmit(t *testing.T) {
 			for _, x := range tt.slots {
 				o := &slot{addr: x.addr, extra: x.addr == "+"}
 				if x.node != "" {
-					o.live, o.node, o.nodes = true, x.node, max(tt.nodes, -tt.nodes)
+					o.live, o.node = true, x.node
 				} else {
 					s = o
 				}
 				b.slots = append(b.slots, o)
 			}
-			b.updateHint()
-			got := b.admit(s, "10.9.9.9", answer{node: tt.node, nodes: max(tt.nodes, 0), session: "x"})
+			got := b.admit(s, "10.9.9.9", answer{node: tt.node, nodes: tt.nodes, session: "x"})
 			if got != tt.want {
 				t.Fatalf("admit = %v, want %v", got, tt.want)
 			}
@@ -260,6 +320,9 @@ func TestAdmit(t *testing.T) {
 			}
 			if s.via != "10.9.9.9" {
 				t.Errorf("via = %q, want the address dialed", s.via)
+			}
+			if b.hint != tt.nodes {
+				t.Errorf("hint = %d, want the answer's %d", b.hint, tt.nodes)
 			}
 		})
 	}
@@ -277,27 +340,49 @@ func TestAdmitRetiredSlot(t *testing.T) {
 	}
 }
 
-// With no session up the last node count is kept, so extras go on
-// dialing while every node restarts; sessions that stop reporting one end
-// it.
-func TestHintKeptWhileNoneLive(t *testing.T) {
+// The node count is the newest answer's, not the largest among the
+// sessions up: an older session still up does not outvote it, nor does a
+// session's end or an extra's retirement bring an older count back. With
+// no session up the last count is kept, so extras go on dialing while
+// every node restarts.
+func TestHintIsNewestAnswer(t *testing.T) {
 	var b book
 	b.syncAddrs([]string{""})
 	s := b.slots[0]
 	b.admit(s, "", answer{node: "a", nodes: 3})
-	b.release(s, "lost")
-	if b.hint != 3 {
-		t.Fatalf("hint = %d with no session up, want the last known 3", b.hint)
+	e1, _ := b.planExtras()
+	b.admit(e1[0], "", answer{node: "b", nodes: 3})
+	e2, _ := b.planExtras()
+	// A node restarted with a count of 2: its answer is the newest, even
+	// as the extra's session landed on a held node and was not kept.
+	if v := b.admit(e2[0], "", answer{node: "a", nodes: 2}); v != redundant {
+		t.Fatalf("admit = %v, want redundant", v)
 	}
-	if added, _ := b.planExtras(); len(added) != 2 {
-		t.Fatalf("%d extras planned with no session up, want 2", len(added))
+	if b.hint != 2 {
+		t.Fatalf("hint = %d while sessions up said 3 and the newest answer 2", b.hint)
+	}
+	_, retire := b.planExtras()
+	if !slices.Equal(retire, []*slot{e2[0]}) {
+		t.Fatalf("retired %v, want the extra without a session", retire)
+	}
+	if b.hint != 2 {
+		t.Fatalf("hint = %d after an extra was retired", b.hint)
+	}
+	b.remove(e2[0])
+	b.release(s, "lost")
+	b.release(e1[0], "lost")
+	if b.hint != 2 {
+		t.Fatalf("hint = %d with no session up, want the last known 2", b.hint)
+	}
+	if added, retire := b.planExtras(); len(added)+len(retire) != 0 {
+		t.Fatalf("with no session up: added %d, retired %d extras, want the one there kept", len(added), len(retire))
 	}
 	b.admit(s, "", answer{node: "a2"})
 	if b.hint != 0 {
-		t.Fatalf("hint = %d once the live session reports none", b.hint)
+		t.Fatalf("hint = %d once the newest answer gives none", b.hint)
 	}
-	if _, retire := b.planExtras(); len(retire) != 2 {
-		t.Fatalf("%d extras retired without a node count, want 2", len(retire))
+	if _, retire := b.planExtras(); len(retire) != 1 {
+		t.Fatalf("%d extras retired without a node count, want 1", len(retire))
 	}
 	if b.distinct() != 1 {
 		t.Errorf("distinct = %d", b.distinct())
@@ -306,17 +391,64 @@ func TestHintKeptWhileNoneLive(t *testing.T) {
 
 func TestVia(t *testing.T) {
 	var b book
-	b.syncAddrs([]string{"10.0.0.2", "10.0.0.1"})
-	if got := b.via(b.slots[0]); got != "10.0.0.2" {
-		t.Errorf("address slot dials %q", got)
-	}
 	e := &slot{extra: true}
 	b.slots = append(b.slots, e)
+	if via, ok := b.via(e); ok {
+		t.Errorf("an extra with no address dials %q, want it to wait", via)
+	}
+	b.syncAddrs([]string{"10.0.0.2", "10.0.0.1"})
+	if got, ok := b.via(b.slots[1]); got != "10.0.0.2" || !ok {
+		t.Errorf("address slot dials %q, %v", got, ok)
+	}
 	var got []string
 	for range 4 {
-		got = append(got, b.via(e))
+		v, _ := b.via(e)
+		got = append(got, v)
 	}
 	if want := []string{"10.0.0.1", "10.0.0.2", "10.0.0.1", "10.0.0.2"}; !slices.Equal(got, want) {
 		t.Errorf("extra dials %q, want %q", got, want)
+	}
+	// The target as given: its one address slot dials "", and so do extras.
+	var g book
+	g.syncAddrs([]string{""})
+	if v, ok := g.via(e); v != "" || !ok {
+		t.Errorf("extra of a target dialed as given: %q, %v", v, ok)
+	}
+}
+
+func TestRound(t *testing.T) {
+	for _, tt := range []struct{ addrs, hint, want int }{{1, 0, 1}, {1, 3, 3}, {4, 3, 4}, {2, 0, 2}} {
+		var b book
+		var addrs []string
+		for i := range tt.addrs {
+			addrs = append(addrs, fmt.Sprintf("10.0.0.%d", i+1))
+		}
+		b.syncAddrs(addrs)
+		b.hint = tt.hint
+		if got := b.round(); got != tt.want {
+			t.Errorf("%d addresses, %d nodes: round %d, want %d", tt.addrs, tt.hint, got, tt.want)
+		}
+	}
+}
+
+func TestCauseClass(t *testing.T) {
+	same := [][2]string{ // {cause, via}
+		{"dial tcp 10.0.0.1:8080: connect: connection refused", "10.0.0.1"},
+		{"dial tcp 10.0.0.2:8080: connect: connection refused", "10.0.0.2"},
+		{"dial tcp [2001:db8::1]:8080: connect: connection refused", "2001:db8::1"},
+		{"dial tcp [fe80::1%eth0]:8080: connect: connection refused", ""},
+		{"dial tcp 192.168.1.1:443: connect: connection refused", ""},
+	}
+	want := causeClass(same[0][0], same[0][1])
+	for _, c := range same[1:] {
+		if got := causeClass(c[0], c[1]); got != want {
+			t.Errorf("causeClass(%q) = %q, want %q", c[0], got, want)
+		}
+	}
+	if causeClass("dial tcp 10.0.0.1:8080: i/o timeout", "10.0.0.1") == want {
+		t.Error("two different causes share a class")
+	}
+	if got := causeClass("server refused registration: 401 Unauthorized: bad token", "::1"); got != "server refused registration: 401 Unauthorized: bad token" {
+		t.Errorf("a cause without an address changed: %q", got)
 	}
 }

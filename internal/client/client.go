@@ -42,6 +42,8 @@ const (
 	// drainPoll is how often a drain checks whether in-flight requests
 	// are done.
 	drainPoll = 20 * time.Millisecond
+	// pongWait bounds the wait for the drain's pings with drain 0.
+	pongWait = time.Second
 )
 
 // Client keeps sessions to its targets and serves their streams.
@@ -82,18 +84,25 @@ func New(cfg config.Client, log *slog.Logger) (*Client, error) {
 	if dialer.TLSClientConfig, err = tlsConfig(cfg.TLS); err != nil {
 		return nil, err
 	}
-	return &Client{
-		cfg:    cfg,
-		log:    log,
-		rules:  rs,
-		tunnel: tc,
-		// Keep as many idle connections per destination as can be busy at
-		// once: fewer, and a burst ends in a storm of fresh dials.
-		backends: newBackendPool(cfg.DialTimeout.D(), cfg.PoolMaxSize*len(cfg.Targets)),
-		dialer:   dialer,
-		metrics:  metrics.NewClient(),
-		targets:  map[string]targetState{},
-	}, nil
+	c := &Client{
+		cfg:     cfg,
+		log:     log,
+		rules:   rs,
+		tunnel:  tc,
+		dialer:  dialer,
+		metrics: metrics.NewClient(),
+		targets: map[string]targetState{},
+	}
+	// Keep as many idle connections per destination as can be busy at
+	// once: fewer, and a burst ends in a storm of fresh dials. Each session
+	// (a legacy target's connections count as one) carries up to
+	// poolmaxsize requests, and with discovery or a node count a target
+	// holds several sessions, a number known only as they come up: the
+	// bound follows the sessions up, and never falls below one per target.
+	c.backends = newBackendPool(cfg.DialTimeout.D(), func() int {
+		return cfg.PoolMaxSize * max(len(cfg.Targets), int(c.ready.Load()))
+	})
+	return c, nil
 }
 
 // tlsConfig is how the client verifies wss:// servers and proves itself.
@@ -212,9 +221,9 @@ func (c *Client) handshake(ctx context.Context, target, addr string) (*websocket
 	// ctx (shutting down) must end a handshake to a silent server too.
 	var mu sync.Mutex
 	var conn net.Conn
-	d.NetDialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+	d.NetDialContext = func(ctx context.Context, network, hostPort string) (net.Conn, error) {
 		var nd net.Dialer
-		cn, err := nd.DialContext(ctx, network, addr)
+		cn, err := nd.DialContext(ctx, network, hostPort)
 		mu.Lock()
 		conn = cn
 		mu.Unlock()
@@ -286,6 +295,25 @@ func throughAddr(d *websocket.Dialer, header http.Header, rawURL, addr string) (
 	return u.String(), nil
 }
 
+// roundTrip pings the server and waits for the answer until by, or the
+// session's end. The returned function waits for the ping to return, which
+// it does at the latest when the session closes.
+func roundTrip(sess *tunnel.Session, by time.Time) (wait func()) {
+	pong := make(chan struct{})
+	go func() {
+		defer close(pong)
+		sess.Ping()
+	}()
+	t := time.NewTimer(time.Until(by))
+	defer t.Stop()
+	select {
+	case <-pong:
+	case <-t.C:
+	case <-sess.CloseChan():
+	}
+	return func() { <-pong }
+}
+
 // wsURL accepts http(s) targets as the ws(s) URLs they stand for.
 func wsURL(target string) string {
 	switch {
@@ -327,19 +355,25 @@ func (c *Client) serve(ctx context.Context, sess *tunnel.Session) string {
 			}
 			handlers.Add(1)
 			n := open.Add(1)
+			if n > 2*int64(c.cfg.PoolMaxSize) {
+				// The server keeps within the limit it was told in the
+				// hello, but frees a slot as soon as it has the whole
+				// answer, a moment before this side's handler is done:
+				// hence the slack. A server that ignores the limit gets
+				// refusals, not unbounded work.
+				go func() {
+					defer handlers.Done()
+					defer open.Add(-1)
+					c.refuse(st, httperr.New(http.StatusServiceUnavailable, httperr.ClientBusy, "client %q is at its limit of %d concurrent requests", c.cfg.ID, c.cfg.PoolMaxSize))
+				}()
+				continue
+			}
+			// Tracked here rather than in the handler, so that a drain
+			// never misses a stream accepted before it looked.
+			streams.add(st)
 			go func() {
 				defer handlers.Done()
 				defer open.Add(-1)
-				if n > 2*int64(c.cfg.PoolMaxSize) {
-					// The server keeps within the limit it was told in the
-					// hello, but frees a slot as soon as it has the whole
-					// answer, a moment before this side's handler is done:
-					// hence the slack. A server that ignores the limit gets
-					// refusals, not unbounded work.
-					c.refuse(st, httperr.New(http.StatusServiceUnavailable, httperr.ClientBusy, "client %q is at its limit of %d concurrent requests", c.cfg.ID, c.cfg.PoolMaxSize))
-					return
-				}
-				streams.add(st)
 				defer streams.remove(st)
 				c.handle(st, streams)
 			}()
@@ -347,6 +381,7 @@ func (c *Client) serve(ctx context.Context, sess *tunnel.Session) string {
 	}()
 
 	var cause string
+	var pings []func() // wait for the drain's pings
 	select {
 	case <-sess.CloseChan():
 		cause = "connection lost"
@@ -359,8 +394,19 @@ func (c *Client) serve(ctx context.Context, sess *tunnel.Session) string {
 		if errors.As(context.Cause(ctx), &r) {
 			cause = r.Error() // this session alone drains
 		}
+		// A round trip before the GoAway: yamux refuses (resets) the
+		// streams that arrive after it, so everything the server sent
+		// until it saw the ping is let in first; the requests a server
+		// sends on a session it just registered, before the client
+		// dismisses it, are served. A round trip after: the server has
+		// seen the GoAway, and the streams it opened before are counted
+		// in flight. Together they wait at most drain (a second with
+		// drain 0).
+		settle := time.Now().Add(max(c.cfg.Drain.D(), pongWait))
+		pings = append(pings, roundTrip(sess, settle))
 		sess.GoAway()   // the server opens no more streams...
 		streams.drain() // ...nor reuses the idle ones
+		pings = append(pings, roundTrip(sess, settle))
 		deadline := time.Now().Add(c.cfg.Drain.D())
 		for streams.inflight() > 0 && time.Now().Before(deadline) && !sess.IsClosed() {
 			time.Sleep(drainPoll)
@@ -370,7 +416,14 @@ func (c *Client) serve(ctx context.Context, sess *tunnel.Session) string {
 		}
 	}
 	streams.stopReading()
-	sess.Close()
+	if ctx.Err() != nil {
+		sess.CloseWithReason(cause) // the server's log says why
+	} else {
+		sess.Close()
+	}
+	for _, wait := range pings {
+		wait() // the session's close ends a ping still out
+	}
 	<-accepted
 	handlers.Wait()
 	return cause

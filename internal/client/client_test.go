@@ -138,7 +138,7 @@ func TestBackendPoolReuse(t *testing.T) {
 		}
 	}()
 
-	p := newBackendPool(time.Second, 1)
+	p := newBackendPool(time.Second, func() int { return 1 })
 	defer p.close()
 	u, _ := url.Parse("http://" + ln.Addr().String() + "/x")
 	a, reused, err := p.get(context.Background(), u)
@@ -181,4 +181,19 @@ func closed(bc *backendConn) bool {
 	bc.SetReadDeadline(time.Now().Add(10 * time.Millisecond))
 	_, err := bc.Read(make([]byte, 1))
 	return errors.Is(err, net.ErrClosed)
+}
+
+// The idle bound per destination follows the sessions up: each carries up
+// to poolmaxsize requests, and a target may hold several.
+func TestBackendPoolBoundFollowsSessions(t *testing.T) {
+	c := newTestClient(t)
+	per := c.cfg.PoolMaxSize
+	if got := c.backends.maxIdle(); got != per*len(c.cfg.Targets) {
+		t.Fatalf("bound %d with no session up, want %d", got, per*len(c.cfg.Targets))
+	}
+	c.ready.Add(5)
+	defer c.ready.Add(-5)
+	if got := c.backends.maxIdle(); got != 5*per {
+		t.Fatalf("bound %d with 5 sessions up, want %d", got, 5*per)
+	}
 }

@@ -8,11 +8,11 @@ import (
 	"net"
 	"net/netip"
 	"net/url"
+	"regexp"
 	"slices"
+	"strings"
 	"sync"
 	"time"
-
-	"github.com/gorilla/websocket"
 
 	"wsp/internal/tunnel"
 )
@@ -26,10 +26,13 @@ import (
 //
 // When the servers say how many nodes there are (X-Wsp-Nodes) and the
 // address slots are fewer, the group adds extra slots, dialed through its
-// addresses in turn: a load balancer in front of N nodes then spreads them
-// over all N. While some node is missing, a session that lands on a node
-// another session of the target holds is closed at once and its slot tries
-// again after a back-off, as Kubernetes' Konnectivity agent does.
+// addresses in turn, one at a time: a load balancer in front of N nodes
+// then spreads them over all N. A session that lands on a node another
+// session of the target holds is not kept (servers name themselves in
+// X-Wsp-Node). While some node is missing its slot tries again after a
+// back-off, as Kubernetes' Konnectivity agent does, for a round of
+// attempts, then pauses; with no node missing (two addresses of one node)
+// it tries again at the discovery interval.
 
 // Resolver looks up the addresses of a target's host name. *net.Resolver
 // is one; tests inject their own.
@@ -65,13 +68,26 @@ type targetGroup struct {
 	name     string // without user info, for logs and stats
 	host     string // the host name to resolve; "" = dial the target as given
 	resolver Resolver
-	wake     chan struct{}  // capacity 1: the book changed, run plans extras again
-	running  sync.WaitGroup // slot goroutines; Add only from run's goroutine
+	interval time.Duration // discovery: how often host is looked up again
+	// heldWait is the pause after a round of sessions that all landed on
+	// nodes the target holds: the discovery interval or the back-off cap,
+	// whichever is longer. With a node count no live node set can reach,
+	// slots looking for the missing nodes then cost the servers a few
+	// handshakes per pause, not one per back-off step each.
+	heldWait time.Duration
+	backoff  func(failures int) time.Duration // the reconnect back-off; tests shorten it
+	wake     chan struct{}                    // capacity 1: the book changed, run plans extras again
+	running  sync.WaitGroup                   // slot goroutines; Add only from run's goroutine
 
 	mu         sync.Mutex
 	book       book   // guarded by mu
 	resolveErr string // guarded by mu: why the last lookup failed; "" after a good one
 	truncated  bool   // guarded by mu: told the log the answer had too many addresses
+	// logged holds the classes of the connection failures logged since a
+	// session of the target last came up, so each is logged once (then
+	// at debug) however many slots meet it, in whatever order.
+	logged     map[string]bool // guarded by mu
+	loggedHint int             // guarded by mu: the node count the last "opening more sessions" line gave
 }
 
 func newTargetGroup(c *Client, target string) (*targetGroup, error) {
@@ -84,7 +100,11 @@ func newTargetGroup(c *Client, target string) (*targetGroup, error) {
 		target:   target,
 		name:     redactURL(target),
 		resolver: c.Resolver,
+		interval: c.cfg.Discovery.D(),
+		heldWait: max(c.cfg.Discovery.D(), backoffCap),
+		backoff:  backoff,
 		wake:     make(chan struct{}, 1),
+		logged:   map[string]bool{},
 	}
 	if g.resolver == nil {
 		g.resolver = net.DefaultResolver
@@ -107,7 +127,7 @@ func isIPLiteral(host string) bool {
 func (g *targetGroup) run(ctx context.Context) {
 	defer g.publish()
 	defer g.running.Wait()
-	interval := g.c.cfg.Discovery.D()
+	interval := g.interval
 	var resolveAt <-chan time.Time // nil without discovery: never ready
 	var timer *time.Timer
 	if g.host == "" {
@@ -133,7 +153,7 @@ func (g *targetGroup) run(ctx context.Context) {
 			// than the interval, with back-off.
 			delay := interval
 			if !g.hasAddrs() {
-				delay = min(interval, backoff(failures))
+				delay = min(interval, g.backoff(failures))
 			}
 			timer.Reset(delay)
 		case <-g.wake:
@@ -215,27 +235,16 @@ func normalizeAddrs(raw []string) (addrs []string, dropped int) {
 func (g *targetGroup) setAddrs(ctx context.Context, addrs []string) {
 	g.mu.Lock()
 	added, retire := g.book.syncAddrs(addrs)
-	moreExtras, lessExtras := g.book.planExtras()
 	g.start(ctx, added)
-	g.start(ctx, moreExtras)
-	reasons := make([]error, len(retire))
-	for i, s := range retire {
-		reasons[i] = retired{"address " + s.addr + " no longer resolved"}
-		if s.extra {
-			reasons[i] = retired{"went through address " + s.via + ", no longer resolved"}
-		}
-	}
 	g.mu.Unlock()
 	if g.host != "" && (len(added) > 0 || len(retire) > 0) {
 		g.c.log.Info("target addresses changed", "target", g.name, "addresses", addrs,
 			"added", slotAddrs(added), "removed", slotAddrs(retire))
 	}
-	for i, s := range retire {
-		s.stop(reasons[i])
+	for _, s := range retire {
+		s.stop(retired{"address " + s.addr + " no longer resolved"})
 	}
-	for _, s := range lessExtras {
-		s.stop(errTooManySessions)
-	}
+	g.planExtras(ctx)
 	g.publish()
 }
 
@@ -258,10 +267,20 @@ func (g *targetGroup) planExtras(ctx context.Context) {
 	added, retire := g.book.planExtras()
 	g.start(ctx, added)
 	hint, distinct := g.book.hint, g.book.distinct()
+	announce := len(added) > 0 && hint != g.loggedHint
+	if announce {
+		g.loggedHint = hint
+	}
 	g.mu.Unlock()
 	if len(added) > 0 {
-		g.c.log.Info("servers report more nodes than sessions reach; opening more sessions", "target", g.name,
-			"nodes", hint, "reached", distinct, "opening", len(added))
+		// Extras open one at a time: info once per node count, not per
+		// extra.
+		level := slog.LevelDebug
+		if announce {
+			level = slog.LevelInfo
+		}
+		g.c.log.Log(ctx, level, "servers report more nodes than sessions reach; opening more sessions", "target", g.name,
+			"nodes", hint, "reached", distinct)
 	}
 	for _, s := range retire {
 		s.stop(errTooManySessions)
@@ -299,76 +318,73 @@ func (g *targetGroup) poke() {
 	}
 }
 
-// The duplicate-node cause, for logging it once per run of them.
-const causeDuplicate = "landed on a node this target already holds"
-
 // runSlot connects s again and again until ctx ends (the client stops or
 // the slot is retired).
 func (g *targetGroup) runSlot(ctx context.Context, s *slot) {
 	c := g.c
-	failures := 0
-	lastCause := ""
+	failures := 0 // attempts in a row that brought no session kept: the back-off
+	held := 0     // sessions in a row that landed on a node the target holds
 	for attempt := 0; ; attempt++ {
 		g.mu.Lock()
-		via := g.book.via(s)
+		via, ok := g.book.via(s)
 		g.mu.Unlock()
-		ws, ans, err := c.handshake(ctx, g.target, via)
-		if err == nil {
-			switch g.admit(s, via, ans) {
-			case unwanted:
-				ws.Close()
+		if !ok {
+			failures++
+			g.failed(s, "no address to go through; waiting for the target's name to resolve")
+			if !sleep(ctx, g.backoff(failures)) {
 				return
-			case duplicate:
-				closeDuplicate(ws)
-				c.metrics.DuplicateNode()
-				failures++
-				// Info once per run of duplicates, then debug.
-				level := slog.LevelDebug
-				if lastCause != causeDuplicate {
-					level = slog.LevelInfo
-					lastCause = causeDuplicate
-				}
-				c.log.Log(ctx, level, "session "+causeDuplicate+"; closed it, retrying with back-off",
-					g.slotAttrs(s, via, "node", ans.node, "nodes", ans.nodes)...)
-				g.failed(s, fmt.Sprintf("%s (%s); retrying", causeDuplicate, ans.node))
-				if !sleep(ctx, backoff(failures)) {
-					return
-				}
-				continue
 			}
+			continue
 		}
+		ws, ans, err := c.handshake(ctx, g.target, via)
 		var sess *tunnel.Session
 		if err == nil {
-			if sess, err = tunnel.NewClientSession(ws, c.tunnel); err != nil {
-				g.ended(s, err.Error())
-			}
-		}
-		if attempt > 0 && ctx.Err() == nil {
-			c.metrics.Reconnect(err == nil)
+			sess, err = tunnel.NewClientSession(ws, c.tunnel)
 		}
 		if err != nil {
 			if ctx.Err() != nil {
 				return
 			}
-			g.failed(s, err.Error())
-			failures++
-			// One line per distinct cause, not one per retry.
-			if cause := err.Error(); cause != lastCause {
-				msg := "cannot connect; retrying with back-off"
-				if isCertError(err) {
-					msg = "TLS certificate of the server not accepted; retrying with back-off"
-				}
-				c.log.Warn(msg, g.slotAttrs(s, via, "cause", cause)...)
-				lastCause = cause
+			if attempt > 0 {
+				c.metrics.Reconnect(false)
 			}
-			if !sleep(ctx, backoff(failures)) {
+			failures++
+			g.cannotConnect(ctx, s, via, err)
+			if !sleep(ctx, g.backoff(failures)) {
 				return
 			}
 			continue
 		}
+		switch v, round := g.admit(s, via, ans); v {
+		case unwanted:
+			g.dismiss(sess, "this client retired the session's slot meanwhile")
+			return
+		case duplicate, redundant:
+			c.metrics.DuplicateNode()
+			g.dismiss(sess, "this client already holds a session to this node")
+			failures++
+			held++
+			wait := g.backoff(failures)
+			switch {
+			case v == redundant && !s.extra && g.interval > 0:
+				// This address leads to a node another address holds,
+				// and no node is missing: look again at discovery's pace.
+				wait, held, failures = g.interval, 0, 0
+			case v == redundant || held >= round:
+				wait, held, failures = g.heldWait, 0, 0
+			}
+			g.landedOnHeld(ctx, s, via, ans, wait)
+			if !sleep(ctx, wait) {
+				return
+			}
+			continue
+		}
+		held = 0
+		if attempt > 0 && ctx.Err() == nil {
+			c.metrics.Reconnect(true)
+		}
 		c.log.Info("connected", g.slotAttrs(s, via, "node", ans.node, "session", ans.session, "attempts", failures+1)...)
 		connected := time.Now()
-		lastCause = ""
 		c.ready.Add(1)
 		c.metrics.Session(1)
 		g.publish()
@@ -387,10 +403,22 @@ func (g *targetGroup) runSlot(ctx context.Context, s *slot) {
 			failures = 0
 		}
 		failures++
-		if !sleep(ctx, backoff(failures)) {
+		if !sleep(ctx, g.backoff(failures)) {
 			return
 		}
 	}
+}
+
+// dismiss ends a session the target does not keep. The server registered
+// it when it answered, and may already have sent a request on it: closing
+// the connection at once would break that request. The session goes the
+// way of a retired one instead: GoAway (the server sends further requests
+// to other sessions, nothing sent), the streams already opened served,
+// then a close saying reason.
+func (g *targetGroup) dismiss(sess *tunnel.Session, reason string) {
+	ctx, cancel := context.WithCancelCause(context.Background())
+	cancel(retired{reason})
+	g.c.serve(ctx, sess)
 }
 
 // slotAttrs are the log attributes naming s, then more.
@@ -405,15 +433,18 @@ func (g *targetGroup) slotAttrs(s *slot, via string, more ...any) []any {
 	return append(attrs, more...)
 }
 
-// admit asks the book whether s keeps a session that landed on ans.node.
-func (g *targetGroup) admit(s *slot, via string, ans answer) verdict {
+// admit asks the book whether s keeps a session that landed on ans.node,
+// and how many such sessions in a row make a round.
+func (g *targetGroup) admit(s *slot, via string, ans answer) (verdict, int) {
 	g.mu.Lock()
 	v := g.book.admit(s, via, ans)
-	g.mu.Unlock()
+	round := g.book.round()
 	if v == keep {
-		g.poke()
+		clear(g.logged) // a success: causes met from now on are news
 	}
-	return v
+	g.mu.Unlock()
+	g.poke()
+	return v, round
 }
 
 // ended records that s's session ended.
@@ -433,12 +464,75 @@ func (g *targetGroup) failed(s *slot, cause string) {
 	g.publish()
 }
 
-// closeDuplicate ends a session the client does not keep, saying why, so
-// the server's log shows it.
-func closeDuplicate(ws *websocket.Conn) {
-	msg := websocket.FormatCloseMessage(websocket.CloseNormalClosure, "this client already holds a session to this node")
-	ws.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second))
-	ws.Close()
+// firstSince reports whether a failure of class is news: not logged since a
+// session of the target last came up. Called with mu held.
+func (g *targetGroup) firstSince(class string) bool {
+	if g.logged[class] {
+		return false
+	}
+	g.logged[class] = true
+	return true
+}
+
+// cannotConnect records and logs why s could not connect: a warning the
+// first time the target meets the cause (its addresses aside) since a
+// session last came up, then at debug, however many slots meet it.
+func (g *targetGroup) cannotConnect(ctx context.Context, s *slot, via string, err error) {
+	cause := err.Error()
+	g.mu.Lock()
+	s.lastErr = cause
+	first := g.firstSince(causeClass(cause, via))
+	othersUp := g.book.anyLive(s)
+	g.mu.Unlock()
+	g.publish()
+	level := slog.LevelDebug
+	if first {
+		level = slog.LevelWarn
+	}
+	msg := "cannot connect; retrying with back-off"
+	switch {
+	case isCertError(err):
+		msg = "TLS certificate of the server not accepted; retrying with back-off"
+	case othersUp:
+		msg = "cannot connect through this address while other sessions of the target are up; retrying with back-off"
+	}
+	g.c.log.Log(ctx, level, msg, g.slotAttrs(s, via, "cause", cause)...)
+}
+
+// causeDuplicate is the class, and log message, of a session that landed
+// on a node the target already holds.
+const causeDuplicate = "session landed on a node this target already holds; closed it"
+
+// landedOnHeld records and logs that s's session landed on a node the
+// target holds, and when s tries again: info the first time since a
+// session last came up, then debug.
+func (g *targetGroup) landedOnHeld(ctx context.Context, s *slot, via string, ans answer, wait time.Duration) {
+	wait = wait.Round(time.Millisecond)
+	g.mu.Lock()
+	s.lastErr = fmt.Sprintf("landed on node %s, which another session of this target holds; trying again in %s", ans.node, wait)
+	first := g.firstSince(causeDuplicate)
+	g.mu.Unlock()
+	g.publish()
+	level := slog.LevelDebug
+	if first {
+		level = slog.LevelInfo
+	}
+	g.c.log.Log(ctx, level, causeDuplicate, g.slotAttrs(s, via, "node", ans.node, "nodes", ans.nodes, "retry_in", wait)...)
+}
+
+// ipLiteral matches an IPv4 address or a bracketed IPv6 one, with a port
+// if any.
+var ipLiteral = regexp.MustCompile(`\[[0-9A-Fa-f:.]+(%[^\]]*)?\](:\d+)?|\b\d{1,3}(\.\d{1,3}){3}(:\d+)?\b`)
+
+// causeClass is a failure's cause without the addresses in it, so that
+// one cause met through several addresses (a balancer down, a port
+// closed on every node) is one class.
+func causeClass(cause, via string) string {
+	cause = ipLiteral.ReplaceAllString(cause, "ADDR")
+	if via != "" {
+		cause = strings.ReplaceAll(cause, via, "ADDR")
+	}
+	return cause
 }
 
 // publish stores the target's state for /api/stats. The state is built and

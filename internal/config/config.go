@@ -149,8 +149,9 @@ type Client struct {
 	Drain           Duration `yaml:"drain"`         // how long shutdown waits for in-flight requests; 0 = none
 	LogFormat       string   `yaml:"logformat"`     // "text" or "json"
 	// Discovery is how often a target's host name is resolved again: the
-	// client holds one session to every address it resolves to. 0 = dial
-	// the name as given, one session per target.
+	// client holds one session to every server node the addresses it
+	// resolves to lead to. 0 = dial the name as given, one session per
+	// target; otherwise at least a second.
 	Discovery Duration `yaml:"discovery"`
 
 	src source // where the values came from, for error lines

@@ -396,6 +396,8 @@ func TestClientValidate(t *testing.T) {
 		{"keepalive zero", func(c *Client) { c.KeepAlive = 0 }, "keepalive", "must be positive"},
 		{"discovery off", func(c *Client) { c.Discovery = 0 }, "", ""},
 		{"discovery negative", func(c *Client) { c.Discovery = -1 }, "discovery", "must not be negative"},
+		{"discovery below a second", func(c *Client) { c.Discovery = Duration(999 * time.Millisecond) }, "discovery", "must be at least 1s, or 0 for none, got 999ms"},
+		{"discovery one second", func(c *Client) { c.Discovery = Duration(time.Second) }, "", ""},
 		{"logformat", func(c *Client) { c.LogFormat = "JSON" }, "logformat", "want"},
 		{"bad rule", func(c *Client) { c.Whitelist = []rules.Spec{{Method: "(GET"}} }, "whitelist[0].method", "invalid regular expression"},
 	}

@@ -49,7 +49,7 @@ func (c *Client) Flags(fs *flag.FlagSet) {
 	fs.Var(&c.KeepAlive, "keepalive", "ping interval; a peer silent for two intervals is dead (`duration`)")
 	fs.Var(&c.Drain, "drain", "how long shutdown waits for in-flight requests (`duration`)")
 	fs.StringVar(&c.LogFormat, "logformat", c.LogFormat, "log `format`: text or json")
-	fs.Var(&c.Discovery, "discovery", "re-resolve each target's host this often and hold a session to every address; 0 = dial the name as given (`duration`)")
+	fs.Var(&c.Discovery, "discovery", "re-resolve each target's host this often and hold a session to every node its addresses lead to; 0 = dial the name as given, else at least 1s (`duration`)")
 }
 
 // ConfigPath pre-scans args for -config or --config, in the "-config X" and

@@ -169,9 +169,18 @@ func (c *Client) Validate() error {
 	p.positive("keepalive", c.KeepAlive)
 	p.notNegative("drain", c.Drain)
 	p.notNegative("discovery", c.Discovery)
+	if d := c.Discovery.D(); d > 0 && d < minDiscovery {
+		// Each lookup also paces the retries of addresses that lead to
+		// a node already held: a few milliseconds would hammer DNS and
+		// the servers.
+		p.add("discovery", "must be at least %s, or 0 for none, got %s", minDiscovery, c.Discovery)
+	}
 	p.logFormat(c.LogFormat)
 	return p.err()
 }
+
+// minDiscovery is the shortest discovery interval.
+const minDiscovery = time.Second
 
 // LoadCertPool reads a PEM file of CA certificates.
 func LoadCertPool(path string) (*x509.CertPool, error) {

@@ -6,10 +6,13 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"sync"
 	"testing"
 	"time"
+	"unicode/utf8"
 
+	"github.com/gorilla/websocket"
 	"github.com/hashicorp/yamux"
 )
 
@@ -117,6 +120,27 @@ func TestSessionCloseSeenByPeer(t *testing.T) {
 				t.Errorf("OpenStream on a closed session: %v, want one IsSessionGone accepts", err)
 			}
 		})
+	}
+}
+
+// The peer sees the reason of CloseWithReason as its session's end, cut
+// to what a close message carries.
+func TestSessionCloseWithReason(t *testing.T) {
+	for _, reason := range []string{"this client already holds a session to this node", strings.Repeat("é", 100)} {
+		srv, cli := pair(t)
+		cli.CloseWithReason(reason)
+		waitFor(t, "the peer's CloseChan", func() bool {
+			select {
+			case <-srv.CloseChan():
+				return true
+			default:
+				return false
+			}
+		})
+		var ce *websocket.CloseError
+		if !errors.As(srv.Err(), &ce) || ce.Code != websocket.CloseNormalClosure || !strings.HasPrefix(reason, ce.Text) || len(ce.Text) > maxCloseReason || !utf8.ValidString(ce.Text) {
+			t.Errorf("peer's Err() = %v, want a normal close saying %.20q...", srv.Err(), reason)
+		}
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"time"
 
@@ -129,6 +130,22 @@ func (s *Session) Err() error {
 		return *p
 	}
 	return nil
+}
+
+// maxCloseReason is the most text a WebSocket close message carries: a
+// control frame's 125 bytes less the 2 of the code.
+const maxCloseReason = 123
+
+// CloseWithReason closes the session as Close does, first telling the peer
+// why in a WebSocket close message (1000, reason), which ends the peer's
+// side at once and which its log shows as the cause.
+func (s *Session) CloseWithReason(reason string) error {
+	if len(reason) > maxCloseReason {
+		reason = strings.ToValidUTF8(reason[:maxCloseReason], "")
+	}
+	msg := websocket.FormatCloseMessage(websocket.CloseNormalClosure, reason)
+	s.conn.ws.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second))
+	return s.Close()
 }
 
 // RemoteAddr is the peer's address as the WebSocket saw it.
