@@ -371,40 +371,242 @@ func TestClusterNodeRequests(t *testing.T) {
 	}
 }
 
-// TestClusterDrainWithdrawsFirst: a draining node removes its directory
-// entries before anything else, while it still serves (drainnotice).
+// TestClusterDrainWithdrawsFirst: a draining node marks itself draining in
+// the directory first thing, while it still serves (drainnotice): other
+// nodes stop sending it requests another node can serve, and still send it
+// those for clients only it holds. When it stops, its entries go.
 func TestClusterDrainWithdrawsFirst(t *testing.T) {
 	rs := redistest.Start(t)
 	a := startClusterNode(t, rs, "node-a", nil, func(cfg *config.Server) { cfg.DrainNotice = config.Duration(3 * time.Second) })
 	b := startClusterNode(t, rs, "node-b", nil, nil)
-	startClient(t, clientConfig(a, "dc1"))
+	c := startClusterNode(t, rs, "node-c", nil, nil)
+	startClient(t, clientConfig(a, "dc1")) // held by node-a only
+	startClient(t, clientConfig(a, "dc2")) // held by node-a and node-c
+	startClient(t, clientConfig(c, "dc2"))
 	dest := backend(t, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok") }))
 	waitFor(t, "forwarding through node-b", func() bool {
-		resp, _ := clusterGet(t, b.addr, "dc1", dest.URL, nil)
-		return resp.StatusCode == 200
+		r1, _ := clusterGet(t, b.addr, "dc1", dest.URL, nil)
+		r2, _ := clusterGet(t, b.addr, "dc2", dest.URL, nil)
+		return r1.StatusCode == 200 && r2.StatusCode == 200
 	})
 	rc := redis.NewClient(&redis.Options{Addr: rs.Addr(), Protocol: 2, DisableIdentity: true})
 	defer rc.Close()
+	ctx := context.Background()
 	stopped := make(chan error, 1)
 	go func() { stopped <- a.stop() }()
-	took, ok := pollUntil(2*time.Second, func() bool {
-		return rc.Exists(context.Background(), "wsp:node:node-a").Val() == 0 && rc.ZScore(context.Background(), "wsp:client:dc1", "node-a").Err() == redis.Nil
-	})
+	took, ok := pollUntil(2*time.Second, func() bool { return rc.HGet(ctx, "wsp:node:node-a", "draining").Val() == "1" })
 	if !ok {
-		t.Fatal("node-a's entries are still in the directory 2s into its drain")
+		t.Fatal("node-a is not marked draining in the directory 2s into its drain")
 	}
-	t.Logf("node-a withdrew from the directory %s into its drain", took)
-	// Still serving its own sessions during the drain notice.
+	t.Logf("node-a marked itself draining %s into its drain", took)
+	// During the drain notice: node-a still serves its own sessions, and
+	// node-b still forwards it what only it can serve, the rest elsewhere.
 	if resp, body := clusterGet(t, a.addr, "dc1", dest.URL, nil); resp.StatusCode != 200 {
 		t.Fatalf("node-a during its drain notice: %d %s", resp.StatusCode, body)
 	}
-	// node-b no longer forwards there.
-	resp, body := clusterGet(t, b.addr, "dc1", dest.URL, nil)
-	if resp.StatusCode != 503 || !strings.Contains(body, "to any node") {
-		t.Fatalf("node-b after node-a withdrew: %d %s", resp.StatusCode, body)
+	if resp, body := clusterGet(t, b.addr, "dc1", dest.URL, nil); resp.StatusCode != 200 || resp.Header.Get("Via") != "1.1 node-a" {
+		t.Fatalf("node-b for a client only the draining node holds: %d Via=%q %s", resp.StatusCode, resp.Header.Get("Via"), body)
+	}
+	for i := range 8 {
+		if resp, body := clusterGet(t, b.addr, "dc2", dest.URL, nil); resp.StatusCode != 200 || resp.Header.Get("Via") != "1.1 node-c" {
+			t.Fatalf("request %d from node-b for a client node-c holds too: %d Via=%q %s", i, resp.StatusCode, resp.Header.Get("Via"), body)
+		}
 	}
 	if err := <-stopped; err != nil {
 		t.Fatal(err)
+	}
+	if rc.Exists(ctx, "wsp:node:node-a").Val() != 0 || rc.ZScore(ctx, "wsp:client:dc1", "node-a").Err() != redis.Nil {
+		t.Fatal("node-a's entries are still in the directory after it stopped")
+	}
+}
+
+// TestClusterShutdownEndsForwardedTunnels: a node's CONNECT tunnels and
+// WebSocket upgrades through another node last through its drain, as its
+// own do, and then end, with idletimeout 0: its Serve waits for them
+// within drain, closes them, and returns.
+func TestClusterShutdownEndsForwardedTunnels(t *testing.T) {
+	rs := redistest.Start(t)
+	for _, kind := range []string{"CONNECT", "WebSocket"} {
+		t.Run(kind, func(t *testing.T) {
+			noIdle := func(cfg *config.Server) {
+				cfg.IdleTimeout = 0
+				cfg.Drain = config.Duration(time.Second)
+			}
+			a := startClusterNode(t, rs, "node-a-"+kind, nil, noIdle)
+			b := startClusterNode(t, rs, "node-b-"+kind, nil, noIdle)
+			startClient(t, clientConfig(a, "dc-"+kind))
+			dest := headerEcho(t)
+			waitFor(t, "node-b to find the client in the directory", func() bool {
+				resp, _ := clusterGet(t, b.addr, "dc-"+kind, dest.URL, nil)
+				return resp.StatusCode == 200
+			})
+			var echo func() error // a round trip through the tunnel
+			var closed func() error
+			if kind == "CONNECT" {
+				echo, closed = connectThrough(t, b.addr, "dc-"+kind)
+			} else {
+				echo, closed = webSocketThrough(t, b.addr, "dc-"+kind)
+			}
+			if err := echo(); err != nil {
+				t.Fatal(err)
+			}
+			stopped := make(chan error, 1)
+			go func() { stopped <- b.stop() }()
+			waitFor(t, "node-b to stop listening", func() bool {
+				c, err := net.DialTimeout("tcp", b.addr, time.Second)
+				if err == nil {
+					c.Close()
+				}
+				return err != nil
+			})
+			if err := echo(); err != nil {
+				t.Fatalf("the tunnel during node-b's drain: %v", err)
+			}
+			select {
+			case err := <-stopped:
+				if err != nil {
+					t.Fatal(err)
+				}
+			case <-time.After(5 * time.Second):
+				closed() // lets it stop
+				t.Fatal("node-b did not stop within 5s: it waits for a tunnel through node-a")
+			}
+			if err := closed(); err != nil {
+				t.Fatalf("after node-b stopped: %v", err)
+			}
+		})
+	}
+}
+
+// connectThrough opens a CONNECT tunnel for client id through the node at
+// addr to a TCP echo; it returns a round trip through the tunnel, and a
+// check that the tunnel ends within a few seconds, which closes it.
+func connectThrough(t *testing.T, addr, id string) (echo, closed func() error) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Go(func() {
+				defer c.Close()
+				io.Copy(c, c)
+			})
+		}
+	})
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		conn.Close()
+		ln.Close()
+		wg.Wait()
+	})
+	fmt.Fprintf(conn, "CONNECT %s HTTP/1.1\r\nHost: %s\r\nX-Proxy-Client: %s\r\n\r\n", ln.Addr(), ln.Addr(), id)
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, &http.Request{Method: "CONNECT"})
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("CONNECT: %v %v", resp, err)
+	}
+	echo = func() error {
+		conn.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(conn, "ping\n")
+		if line, err := br.ReadString('\n'); err != nil || line != "ping\n" {
+			return fmt.Errorf("through the tunnel: %q, %v", line, err)
+		}
+		return nil
+	}
+	closed = func() error {
+		defer conn.Close()
+		conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if n, err := io.Copy(io.Discard, br); err != nil {
+			return fmt.Errorf("the tunnel is still open (read %d bytes): %v", n, err)
+		}
+		return nil
+	}
+	return echo, closed
+}
+
+// webSocketThrough is connectThrough for a WebSocket to an echo server.
+func webSocketThrough(t *testing.T, addr, id string) (echo, closed func() error) {
+	t.Helper()
+	ws := wsEcho(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	conn, _, err := websocket.Dial(ctx, "ws://"+addr+"/request", &websocket.DialOptions{
+		HTTPHeader: http.Header{"X-Proxy-Destination": {"ws" + strings.TrimPrefix(ws.URL, "http") + "/echo"}, "X-Proxy-Client": {id}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.CloseNow() })
+	echo = func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := conn.Write(ctx, websocket.MessageText, []byte("ping")); err != nil {
+			return err
+		}
+		if _, got, err := conn.Read(ctx); err != nil || string(got) != "ping" {
+			return fmt.Errorf("through the WebSocket: %q, %v", got, err)
+		}
+		return nil
+	}
+	closed = func() error {
+		defer conn.CloseNow()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if _, _, err := conn.Read(ctx); err == nil || ctx.Err() != nil {
+			return fmt.Errorf("the WebSocket is still open: %v", err)
+		}
+		return nil
+	}
+	return echo, closed
+}
+
+// TestClusterDestinationCannotFakeNodeAnswers: a destination answering
+// what a node answers when it lost its client (503 no_client, marked as
+// the node's own) has its answer passed on, and the request is not sent
+// to the client's other node: it ran once, and must not run twice.
+func TestClusterDestinationCannotFakeNodeAnswers(t *testing.T) {
+	rs := redistest.Start(t)
+	a := startClusterNode(t, rs, "node-a", nil, nil)
+	b := startClusterNode(t, rs, "node-b", nil, nil)
+	c := startClusterNode(t, rs, "node-c", nil, nil)
+	startClient(t, clientConfig(a, "dc1"))
+	startClient(t, clientConfig(c, "dc1"))
+	var hits atomic.Int64
+	dest := backend(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/fake" {
+			hits.Add(1)
+			w.Header().Set("X-Wsp-Error", httperr.NoClient)
+			w.Header().Set("X-Wsp-Cluster-Node", "node-a")
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+	}))
+	waitFor(t, "node-b to forward to both holders", func() bool {
+		seen := map[string]bool{}
+		for range 20 {
+			resp, _ := clusterGet(t, b.addr, "dc1", dest.URL, nil)
+			seen[resp.Header.Get("Via")] = true
+		}
+		return seen["1.1 node-a"] && seen["1.1 node-c"]
+	})
+	for i := range 10 {
+		before := hits.Load()
+		resp, _ := clusterGet(t, b.addr, "dc1", dest.URL+"/fake", nil)
+		if resp.StatusCode != 503 || hits.Load() != before+1 {
+			t.Fatalf("request %d: %d, the destination got it %d times", i, resp.StatusCode, hits.Load()-before)
+		}
+		if v := resp.Header.Get("X-Wsp-Cluster-Node"); v != "" {
+			t.Fatalf("the app got X-Wsp-Cluster-Node %q", v)
+		}
 	}
 }
 

@@ -7,8 +7,9 @@
 //	wsp:client:<id>  sorted set: member = node name, score = when the entry
 //	                 expires (Unix ms); the key itself expires after the TTL
 //	                 (garbage collection only: lookups go by the score)
-//	wsp:node:<name>  hash {url, clients}: the node's advertised URL and how
-//	                 many client ids it holds; expires after the TTL
+//	wsp:node:<name>  hash {url, clients, draining}: the node's advertised
+//	                 URL, how many client ids it holds, and 1 while it
+//	                 drains; expires after the TTL
 //	wsp:nodes        sorted set: member = node name, score = expiry (Unix ms)
 //
 // A node writes its entries at every heartbeat (every third of the TTL) and
@@ -17,7 +18,9 @@
 // An entry of a node that stops heartbeating is ignored once its score is
 // past, and its keys expire. Lookups read the live holders of an id and
 // their URLs in one round trip (a Lua script), so a node that withdrew
-// (deleted wsp:node:<name>) is never returned, even if an entry lingers.
+// (deleted wsp:node:<name>) is never returned, even if an entry lingers. A
+// draining node is returned only for the ids no other node holds: it still
+// serves them until its drain ends, and then withdraws.
 package cluster
 
 import (
@@ -25,6 +28,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/url"
 	"slices"
 	"strconv"
@@ -61,18 +65,24 @@ func expiry(t time.Time) float64    { return float64(t.UnixMilli()) }
 func scoreAfter(t time.Time) string { return "(" + strconv.FormatInt(t.UnixMilli(), 10) }
 
 // holders returns, for KEYS[1] = wsp:client:<id>, the names and URLs of the
-// nodes whose entry expires after ARGV[1] and whose node hash still exists:
-// {name1, url1, name2, url2, ...}.
+// nodes other than ARGV[3] whose entry expires after ARGV[1] and whose node
+// hash (ARGV[2] .. name) still exists: {name1, url1, name2, url2, ...}. The
+// draining ones only when there is no other.
 var holders = redis.NewScript(`
 local names = redis.call('ZRANGE', KEYS[1], ARGV[1], '+inf', 'BYSCORE')
-local out = {}
+local out, draining = {}, {}
 for _, name in ipairs(names) do
-  local url = redis.call('HGET', ARGV[2] .. name, 'url')
-  if url then
-    out[#out + 1] = name
-    out[#out + 1] = url
+  if name ~= ARGV[3] then
+    local h = redis.call('HMGET', ARGV[2] .. name, 'url', 'draining')
+    if h[1] then
+      local list = out
+      if h[2] == '1' then list = draining end
+      list[#list + 1] = name
+      list[#list + 1] = h[1]
+    end
   end
 end
+if #out == 0 then return draining end
 return out
 `)
 
@@ -94,6 +104,9 @@ type Node struct {
 	Name    string `json:"name"`
 	URL     string `json:"url"`
 	Clients int    `json:"clients"` // client ids it holds, at its last heartbeat
+	// Draining: the node is shutting down; it is sent requests only for
+	// clients no other node holds.
+	Draining bool `json:"draining,omitempty"`
 }
 
 // Status is the directory as this node sees it, for /api/stats.
@@ -107,25 +120,30 @@ type Status struct {
 	LastHeartbeat time.Time `json:"last_heartbeat"`
 	Held          int       `json:"held"`  // client ids recorded for this node
 	Nodes         []Node    `json:"nodes"` // live nodes at the last heartbeat, this one included
+	Draining      bool      `json:"draining"`
 	Withdrawn     bool      `json:"withdrawn"`
 }
 
 // Directory records this node's client ids in Redis and looks up the nodes
-// holding others. Create it with New, start its heartbeats with Start, and
-// end with Withdraw (on drain) and Close.
+// holding others. Create it with New, start its heartbeats with Start, mark
+// the node with Drain when its drain begins, and end with Withdraw (when it
+// serves no more) and Close.
 type Directory struct {
-	cfg    Config
-	redis  string // redacted URL, for logs
-	rdb    *redis.Client
-	kick   chan struct{} // Changed's wake-up call to the heartbeat goroutine
-	errors atomic.Int64
+	cfg      Config
+	redis    string // redacted URL, for logs
+	rdb      *redis.Client
+	kick     chan struct{} // Changed's wake-up call to the heartbeat goroutine
+	errors   atomic.Int64
+	draining atomic.Bool // set by Drain, written at every heartbeat
+	rewrite  atomic.Bool // the next sync rewrites everything (after Drain)
 
 	runMu  sync.Mutex
 	cancel context.CancelFunc // guarded by runMu: stops the heartbeats; nil when not running
 	done   chan struct{}      // guarded by runMu: closed when the heartbeat goroutine ends
 
-	// written holds the ids the last successful sync recorded: owned by
-	// the heartbeat goroutine, and by Withdraw once it has stopped.
+	// written holds the ids the last successful sync recorded: written
+	// by the heartbeat goroutine only, under mu; read by it, and by
+	// Withdraw under mu.
 	written map[string]bool
 
 	mu        sync.Mutex
@@ -204,14 +222,22 @@ func (d *Directory) Start() {
 	go d.run(ctx, d.done)
 }
 
+// halt ends the heartbeats without waiting for the goroutine, whose Redis
+// call in flight may outlast the cancel by up to callTimeout; it returns
+// the channel closed when the goroutine is over (nil if none ever ran).
+func (d *Directory) halt() chan struct{} {
+	d.runMu.Lock()
+	defer d.runMu.Unlock()
+	if d.cancel != nil {
+		d.cancel()
+		d.cancel = nil
+	}
+	return d.done
+}
+
 // stop ends the heartbeats and waits for the goroutine; idempotent.
 func (d *Directory) stop() {
-	d.runMu.Lock()
-	cancel, done := d.cancel, d.done
-	d.cancel = nil
-	d.runMu.Unlock()
-	if cancel != nil {
-		cancel()
+	if done := d.halt(); done != nil {
 		<-done
 	}
 }
@@ -241,7 +267,7 @@ func (d *Directory) run(ctx context.Context, done chan struct{}) {
 		case <-d.kick:
 		case <-t.C:
 		}
-		full := !time.Now().Before(next)
+		full := !time.Now().Before(next) || d.rewrite.Swap(false)
 		wrote, err := d.sync(ctx, full)
 		if ctx.Err() != nil {
 			return
@@ -290,7 +316,7 @@ func (d *Directory) sync(ctx context.Context, full bool) (wrote bool, err error)
 	node, ttl := d.cfg.Node, d.cfg.TTL
 	// The node entry first: a holder is only found while its hash exists.
 	if err := d.pipe(ctx, func(p redis.Pipeliner) {
-		p.HSet(ctx, nodeKey(node), "url", d.cfg.Advertise, "clients", len(current))
+		p.HSet(ctx, nodeKey(node), "url", d.cfg.Advertise, "clients", len(current), "draining", flag(d.draining.Load()))
 		p.PExpire(ctx, nodeKey(node), ttl)
 		p.ZAdd(ctx, nodesKey, redis.Z{Score: exp, Member: node})
 		p.ZRemRangeByScore(ctx, nodesKey, "-inf", strconv.FormatInt(now.UnixMilli(), 10))
@@ -317,14 +343,17 @@ func (d *Directory) sync(ctx context.Context, full bool) (wrote bool, err error)
 			return true, err
 		}
 	}
-	d.written = current
 	var nodes []Node
 	if full {
 		if nodes, err = d.liveNodes(ctx, now); err != nil {
+			d.mu.Lock()
+			d.written = current
+			d.mu.Unlock()
 			return true, err
 		}
 	}
 	d.mu.Lock()
+	d.written = current
 	d.lastBeat, d.held = now, len(current)
 	if full {
 		d.nodes = nodes
@@ -368,7 +397,7 @@ func (d *Directory) liveNodes(ctx context.Context, now time.Time) ([]Node, error
 			continue // withdrawn, or expired since
 		}
 		clients, _ := strconv.Atoi(h["clients"])
-		nodes = append(nodes, Node{Name: n, URL: h["url"], Clients: clients})
+		nodes = append(nodes, Node{Name: n, URL: h["url"], Clients: clients, Draining: h["draining"] == "1"})
 	}
 	return nodes, nil
 }
@@ -378,7 +407,7 @@ func (d *Directory) liveNodes(ctx context.Context, now time.Time) ([]Node, error
 func (d *Directory) Holders(ctx context.Context, id string) ([]Node, error) {
 	lctx, cancel := context.WithTimeout(ctx, LookupTimeout)
 	defer cancel()
-	res, err := holders.Run(lctx, d.rdb, []string{clientKey(id)}, scoreAfter(d.cfg.Now()), prefix+"node:").StringSlice()
+	res, err := holders.Run(lctx, d.rdb, []string{clientKey(id)}, scoreAfter(d.cfg.Now()), prefix+"node:", d.cfg.Node).StringSlice()
 	if err != nil {
 		if ctx.Err() == nil { // not the caller giving up
 			d.report("lookup", err)
@@ -388,60 +417,118 @@ func (d *Directory) Holders(ctx context.Context, id string) ([]Node, error) {
 	d.report("lookup", nil)
 	var out []Node
 	for i := 0; i+1 < len(res); i += 2 {
-		if res[i] != d.cfg.Node {
-			out = append(out, Node{Name: res[i], URL: res[i+1]})
-		}
+		out = append(out, Node{Name: res[i], URL: res[i+1]})
 	}
 	return out, nil
 }
 
 // NodesWithClients returns the live nodes other than this one that held
-// at least one client id at the last heartbeat (no round trip to Redis).
+// at least one client id at the last heartbeat (no round trip to Redis),
+// draining ones only when no other does. The list is dropped once the
+// last successful heartbeat is older than the TTL: the nodes may be gone.
 func (d *Directory) NodesWithClients() []Node {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	var out []Node
+	if d.cfg.Now().Sub(d.lastBeat) > d.cfg.TTL {
+		return nil
+	}
+	var out, draining []Node
 	for _, n := range d.nodes {
-		if n.Name != d.cfg.Node && n.Clients > 0 {
+		switch {
+		case n.Name == d.cfg.Node || n.Clients == 0:
+		case n.Draining:
+			draining = append(draining, n)
+		default:
 			out = append(out, n)
 		}
+	}
+	if len(out) == 0 {
+		return draining
 	}
 	return out
 }
 
+// Drain marks this node as draining, first thing in its drain: other nodes
+// stop forwarding to it requests for the clients another node holds, at
+// once rather than after the TTL, and go on forwarding it the others,
+// which it still serves. The heartbeats go on, keeping the mark, until
+// Withdraw.
+func (d *Directory) Drain(ctx context.Context) error {
+	d.draining.Store(true)
+	// A heartbeat in flight may write the node's hash without the mark
+	// after this call: the next one, right away, writes it again.
+	d.rewrite.Store(true)
+	defer d.Changed()
+	node := d.cfg.Node
+	err := d.pipe(ctx, func(p redis.Pipeliner) {
+		p.HSet(ctx, nodeKey(node), "draining", flag(true))
+		p.PExpire(ctx, nodeKey(node), d.cfg.TTL)
+	})
+	if err != nil {
+		d.errors.Add(1)
+		return fmt.Errorf("mark node %q as draining in the directory %s: %w", node, d.redis, err)
+	}
+	return nil
+}
+
 // Withdraw stops the heartbeats and removes every entry of this node at
-// once, so other nodes stop forwarding to it (first thing in a drain). The
+// once, so other nodes stop forwarding to it (when it serves no more). The
 // node's sessions are not touched. Entries it fails to remove expire
-// within the TTL.
+// within the TTL. It returns when ctx ends at the latest: it does not wait
+// for a heartbeat in flight before removing the entries, and removes them
+// again once that heartbeat is over, since it may have written them.
 func (d *Directory) Withdraw(ctx context.Context) error {
-	d.stop()
+	done := d.halt()
+	inFlight := false // the heartbeat goroutine may be writing
+	if done != nil {
+		select {
+		case <-done:
+		default:
+			inFlight = true
+		}
+	}
 	d.mu.Lock()
 	d.withdrawn = true
+	ids := slices.Collect(maps.Keys(d.written))
 	d.mu.Unlock()
-	ids := slices.Collect(func(yield func(string) bool) {
-		for id := range d.written {
-			if !yield(id) {
-				return
-			}
-		}
-	})
 	ids = append(ids, d.cfg.Held()...)
 	slices.Sort(ids)
 	ids = slices.Compact(ids)
+	err := d.remove(ctx, ids)
+	if err == nil && inFlight {
+		select {
+		case <-done:
+			err = d.remove(ctx, ids)
+		case <-ctx.Done():
+			err = fmt.Errorf("a heartbeat still in flight may write the entries again: %w", ctx.Err())
+		}
+	}
+	if err != nil {
+		d.errors.Add(1)
+		return fmt.Errorf("withdraw node %q from the directory %s: %w", d.cfg.Node, d.redis, err)
+	}
+	return nil
+}
+
+// remove deletes this node's entries: its hash, its place in the node
+// list, and its entries for ids.
+func (d *Directory) remove(ctx context.Context, ids []string) error {
 	node := d.cfg.Node
-	err := d.pipe(ctx, func(p redis.Pipeliner) {
+	return d.pipe(ctx, func(p redis.Pipeliner) {
 		p.Del(ctx, nodeKey(node))
 		p.ZRem(ctx, nodesKey, node)
 		for _, id := range ids {
 			p.ZRem(ctx, clientKey(id), node)
 		}
 	})
-	if err != nil {
-		d.errors.Add(1)
-		return fmt.Errorf("withdraw node %q from the directory %s: %w", node, d.redis, err)
+}
+
+// flag is how the directory writes a boolean.
+func flag(b bool) int {
+	if b {
+		return 1
 	}
-	d.written = map[string]bool{}
-	return nil
+	return 0
 }
 
 // Close stops the heartbeats, if running, and closes the connections to
@@ -488,6 +575,7 @@ func (d *Directory) Status() Status {
 		LastHeartbeat: d.lastBeat,
 		Held:          d.held,
 		Nodes:         append([]Node{}, d.nodes...),
+		Draining:      d.draining.Load(),
 		Withdrawn:     d.withdrawn,
 	}
 }

@@ -4,11 +4,14 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
+	"net"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -219,10 +222,17 @@ func TestWithdrawRemovesEverythingAtOnce(t *testing.T) {
 	if n := rc.Exists(ctx, "wsp:node:a", "wsp:client:dc1", "wsp:client:dc2").Val(); n != 0 {
 		t.Fatalf("%d keys of node a left after withdraw", n)
 	}
-	a.Changed() // no heartbeat runs any more to re-add them
-	time.Sleep(200 * time.Millisecond)
-	if n := rc.Exists(ctx, "wsp:node:a").Val(); n != 0 {
-		t.Fatal("a heartbeat re-added the node after withdraw")
+	// No heartbeat runs any more to re-add them.
+	a.runMu.Lock()
+	running, done := a.cancel != nil, a.done
+	a.runMu.Unlock()
+	select {
+	case <-done:
+	default:
+		running = true
+	}
+	if running {
+		t.Fatal("the heartbeats go on after withdraw")
 	}
 	if !a.Status().Withdrawn {
 		t.Fatal("status does not say withdrawn")
@@ -314,11 +324,114 @@ func TestNodesWithClients(t *testing.T) {
 		nodes, err := b.liveNodes(context.Background(), time.Now())
 		return err == nil && len(nodes) == 2
 	})
+	var skew atomic.Int64 // b's clock, ahead by this
+	b.cfg.Now = func() time.Time { return time.Now().Add(time.Duration(skew.Load())) }
 	b.Start() // its first heartbeat reads the node list
 	poll(t, 5*time.Second, "b's node list", func() bool {
 		got := b.NodesWithClients()
 		return len(got) == 1 && got[0].Name == "a" && got[0].URL == "http://a.test:8080" && got[0].Clients == 1
 	})
+	// A list older than the ttl (Redis down since) may name nodes gone.
+	skew.Store(int64(ttl + time.Second))
+	if got := b.NodesWithClients(); len(got) != 0 {
+		t.Fatalf("a node list older than the ttl is still used: %v", got)
+	}
+}
+
+// TestDrainingHolders: a draining node is a holder only for the ids no
+// other node holds, and says so at every heartbeat, until it withdraws.
+func TestDrainingHolders(t *testing.T) {
+	rs := redistest.Start(t)
+	ttl := 3 * time.Second // a heartbeat every second
+	heldA, heldB := &ids{}, &ids{}
+	heldA.put("dc1", "dc2")
+	heldB.put("dc2")
+	a := node(t, rs.URL(), "a", ttl, heldA, nil)
+	b := node(t, rs.URL(), "b", ttl, heldB, nil)
+	c := node(t, rs.URL(), "c", ttl, &ids{}, nil)
+	a.Start()
+	b.Start()
+	poll(t, 5*time.Second, "both holders of dc2", func() bool { return len(holderNames(t, c, "dc2")) == 2 })
+	if err := a.Drain(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	check := func(when string) {
+		t.Helper()
+		if got := holderNames(t, c, "dc1"); !slices.Equal(got, []string{"a=http://a.test:8080"}) {
+			t.Fatalf("%s: holders of dc1, held by a only: %v", when, got)
+		}
+		if got := holderNames(t, c, "dc2"); !slices.Equal(got, []string{"b=http://b.test:8080"}) {
+			t.Fatalf("%s: holders of dc2, held by a (draining) and b: %v", when, got)
+		}
+	}
+	check("right after Drain")
+	if !a.Status().Draining {
+		t.Fatal("status does not say draining")
+	}
+	beat := a.Status().LastHeartbeat
+	poll(t, 5*time.Second, "a's next full heartbeat", func() bool {
+		st := a.Status()
+		return st.LastHeartbeat.After(beat) && len(st.Nodes) == 2 && st.Nodes[0].Draining != st.Nodes[1].Draining
+	})
+	check("after a heartbeat")
+	c.Start()
+	poll(t, 5*time.Second, "c's node list", func() bool {
+		got := c.NodesWithClients()
+		return len(got) == 1 && got[0].Name == "b"
+	})
+	if err := a.Withdraw(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if got := holderNames(t, c, "dc1"); len(got) != 0 {
+		t.Fatalf("after withdraw, holders of dc1: %v", got)
+	}
+}
+
+// TestWithdrawIsBounded: a heartbeat stuck on a Redis that never answers
+// does not hold Withdraw past its deadline.
+func TestWithdrawIsBounded(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	var accepted atomic.Int64
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			accepted.Add(1)
+			wg.Go(func() {
+				defer c.Close()
+				io.Copy(io.Discard, c) // reads, never answers
+			})
+		}
+	})
+	defer func() {
+		ln.Close()
+		wg.Wait()
+	}()
+	held := &ids{}
+	held.put("dc1")
+	d, err := New(Config{Redis: "redis://" + ln.Addr().String() + "/0", Node: "a", Advertise: "http://a.test:8080", TTL: 30 * time.Second, Held: held.get})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close() // waits for the heartbeat, which ends the connections
+	d.Start()
+	poll(t, 5*time.Second, "the first heartbeat to be under way", func() bool { return accepted.Load() > 0 })
+	const bound = 300 * time.Millisecond
+	ctx, cancel := context.WithTimeout(context.Background(), bound)
+	defer cancel()
+	start := time.Now()
+	if err := d.Withdraw(ctx); err == nil {
+		t.Fatal("withdraw from a Redis that never answers succeeded")
+	}
+	if took := time.Since(start); took > bound+200*time.Millisecond {
+		t.Fatalf("withdraw took %s, bounded by %s", took, bound)
+	}
 }
 
 func TestNewRejectsBadConfig(t *testing.T) {

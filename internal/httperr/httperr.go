@@ -35,8 +35,13 @@ const (
 	SessionLimit       = "session_limit"       // 503: too many client sessions
 	BodyTooLarge       = "body_too_large"      // 413: the request body exceeds maxbodybytes
 	ClientError        = "client_error"        // 502: a legacy client reported a failure (its status 527)
-	NodeUnreachable    = "node_unreachable"    // 502: no server node holding the client could be reached
+	NodeUnreachable    = "node_unreachable"    // 503: no server node holding the client could be reached; 504: one took the request and did not answer in time
+	AppGone            = "app_gone"            // StatusAppGone: the app went away; never sent, for logs and metrics
 )
+
+// StatusAppGone is the status logged for a request whose app went away
+// before its answer (nginx's 499); no answer is sent.
+const StatusAppGone = 499
 
 // RetryAfter is the Retry-After value sent with 503s, in seconds.
 const RetryAfter = 1

@@ -66,7 +66,7 @@ func NewServer() *Server {
 		}),
 		clusterForwarded: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "wsp_cluster_forwarded_total",
-			Help: "App requests this node forwarded to another node holding their client, by result (ok: a node answered; node_unreachable: no holder could be reached; failed: the exchange with the node broke).",
+			Help: "App requests this node forwarded to another node holding their client, by result (ok: a node answered, whatever it answered; else the wsp error code of the failure on the hop: node_unreachable, tunnel_broken, body_too_large, draining, app_gone).",
 		}, []string{"result"}),
 		clusterNodeFailures: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "wsp_cluster_node_failures_total",
@@ -74,7 +74,7 @@ func NewServer() *Server {
 		}),
 		clusterReceived: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "wsp_cluster_received_total",
-			Help: "Node-to-node requests received, by result (accepted, refused: missing or wrong cluster secret).",
+			Help: "Node-to-node requests received, by result (accepted; refused: missing or wrong cluster secret, missing or invalid node name, or this server is not a cluster node).",
 		}, []string{"result"}),
 	}
 	m.reg.MustRegister(m.requests, m.inFlight, m.duration, m.bytes, m.sessions, m.handshakeFailures, m.streamFailures,
@@ -188,7 +188,7 @@ func NewClient() *Client {
 		}),
 		sessions: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "wsp_client_sessions",
-			Help: "Sessions up: one per reachable target, or per address and node with discovery and a node count.",
+			Help: "Sessions up: one per reachable target, or per server node with discovery or a node count.",
 		}),
 		reconnects: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "wsp_client_reconnects_total",
@@ -196,7 +196,7 @@ func NewClient() *Client {
 		}, []string{"outcome"}),
 		duplicates: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "wsp_client_duplicate_node_sessions_total",
-			Help: "Sessions closed at once because they landed on a server node the target already held, while the servers' node count was not reached.",
+			Help: "Sessions not kept because they landed on a server node another session of the target already held.",
 		}),
 	}
 	m.reg.MustRegister(m.requests, m.inFlight, m.sessions, m.reconnects, m.duplicates,

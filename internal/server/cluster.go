@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -26,6 +27,9 @@ import (
 // that forwards it and the cluster secret. A node that receives one with
 // the right secret serves it from its own sessions only, never forwards it
 // again (no loops), and trusts the app authentication the first node did.
+// On the answer to a node request, X-Wsp-Cluster-Node names the node that
+// wrote it when it is that node's own error (see markOwn), which no client
+// or destination can fake: only then may the sending node try another.
 // See docs/protocol.md, "Between server nodes".
 const (
 	headerClusterNode   = "X-Wsp-Cluster-Node"
@@ -40,8 +44,8 @@ const (
 	// nodeDialTimeout bounds connecting to another node: an unreachable
 	// holder costs a request at most this before the next one is tried.
 	nodeDialTimeout = 2 * time.Second
-	// withdrawTimeout bounds removing this node from the directory at the
-	// start of a drain.
+	// withdrawTimeout bounds marking this node as draining in the
+	// directory, and removing it at the end of the drain.
 	withdrawTimeout = 3 * time.Second
 )
 
@@ -55,8 +59,12 @@ type clusterNode struct {
 	dialer    *net.Dialer
 	tls       *tls.Config // for https:// advertised URLs
 	proxy     *httputil.ReverseProxy
-	forwarded atomic.Int64 // app requests forwarded to another node
-	received  atomic.Int64 // node requests accepted from other nodes
+	// answerTimeout bounds the wait for another node's answer head once
+	// the request is sent: the node waits up to timeout for a session,
+	// then its client up to a minute for the destination (connect).
+	answerTimeout time.Duration
+	forwarded     atomic.Int64 // app requests forwarded to another node
+	received      atomic.Int64 // node requests accepted from other nodes
 }
 
 // forwarding is the state of a request this node forwards.
@@ -84,8 +92,9 @@ func (s *Server) newCluster() (*clusterNode, error) {
 	}
 	ka := s.cfg.KeepAlive.D()
 	c := &clusterNode{
-		dir:    dir,
-		secret: cc.Secret,
+		dir:           dir,
+		secret:        cc.Secret,
+		answerTimeout: s.cfg.Timeout.D() + connectAnswerTimeout,
 		// A node that dies without a FIN is noticed within three keepalive
 		// intervals, not the system's two hours.
 		dialer: &net.Dialer{Timeout: nodeDialTimeout, KeepAliveConfig: net.KeepAliveConfig{Enable: true, Idle: ka, Interval: ka, Count: 2}},
@@ -99,15 +108,19 @@ func (s *Server) newCluster() (*clusterNode, error) {
 		}
 	}
 	c.transport = &http.Transport{
-		DialContext:         c.dialer.DialContext,
-		TLSClientConfig:     c.tls,
-		TLSHandshakeTimeout: nodeDialTimeout,
+		DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
+			return c.dial(ctx, addr, false)
+		},
+		DialTLSContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
+			return c.dial(ctx, addr, true)
+		},
 		// HTTP/1.1 only: upgrades and streaming bodies pass as they do
 		// from apps. Idle connections are dropped before the other node's
 		// http.Server would (2 minutes), so a reused one is rarely stale.
 		TLSNextProto:           map[string]func(string, *tls.Conn) http.RoundTripper{},
 		MaxIdleConnsPerHost:    64,
 		IdleConnTimeout:        90 * time.Second,
+		ResponseHeaderTimeout:  c.answerTimeout,
 		DisableCompression:     true,
 		MaxResponseHeaderBytes: 1 << 20,
 		WriteBufferSize:        32 << 10,
@@ -133,8 +146,26 @@ func (s *Server) startCluster() {
 	}
 }
 
-// withdraw removes this node from the directory, first thing in a drain:
-// other nodes stop forwarding to it at once rather than after the TTL.
+// drainCluster marks this node as draining in the directory, first thing
+// in a drain: other nodes stop forwarding to it the requests another node
+// can serve, at once rather than after the TTL, and still send it those
+// for clients only it holds, which it serves until the drain ends.
+func (s *Server) drainCluster() {
+	if s.cluster == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), withdrawTimeout)
+	defer cancel()
+	if err := s.cluster.dir.Drain(ctx); err != nil {
+		s.log.Warn("drain: could not mark this node as draining in the cluster directory; the next heartbeat will", "cause", err)
+		return
+	}
+	s.log.Info("drain: marked this node as draining in the cluster directory", "node", s.node)
+}
+
+// withdraw removes this node from the directory once it serves no more
+// requests: other nodes stop forwarding to it at once rather than after
+// the TTL.
 func (s *Server) withdraw() {
 	if s.cluster == nil {
 		return
@@ -172,17 +203,17 @@ func viaOf(ctx context.Context) string {
 	return v
 }
 
-// fromNode checks the cluster headers of r, if any, and removes them: it
-// returns the name of the node that forwarded r ("" when r came from an
-// app) or the refusal to answer. The secret is compared in constant time
-// and never logged.
+// fromNode checks the cluster headers of r, if any, and removes them
+// (every value, whatever the first): it returns the name of the node that
+// forwarded r ("" when r came from an app) or the refusal to answer. The
+// secret is compared in constant time and never logged.
 func (s *Server) fromNode(r *http.Request) (string, *httperr.Error) {
 	name, secret := r.Header.Get(headerClusterNode), r.Header.Get(headerClusterSecret)
+	r.Header.Del(headerClusterNode)
+	r.Header.Del(headerClusterSecret)
 	if name == "" && secret == "" {
 		return "", nil
 	}
-	r.Header.Del(headerClusterNode)
-	r.Header.Del(headerClusterSecret)
 	var e *httperr.Error
 	switch {
 	case s.cluster == nil:
@@ -228,6 +259,11 @@ func (s *Server) forwarded(rec *recorder, r *http.Request, x *exchange) bool {
 		// as known at the last heartbeat; its clients' rules decide.
 		nodes = c.dir.NodesWithClients()
 	}
+	// Names and URLs come from Redis: a node name ends up in answers.
+	nodes = slices.DeleteFunc(nodes, func(n cluster.Node) bool {
+		_, err := nodeURL(n)
+		return !tunnel.ValidID(n.Name) || err != nil
+	})
 	if len(nodes) == 0 {
 		x.want.scope = " to any node"
 		return false
@@ -241,7 +277,16 @@ func (s *Server) forwarded(rec *recorder, r *http.Request, x *exchange) bool {
 	if r.Method == http.MethodConnect {
 		s.forwardConnect(rec, r, x)
 	} else {
-		c.proxy.ServeHTTP(rec, r.WithContext(context.WithValue(r.Context(), exchangeKey{}, x)))
+		// The end of the server's life cancels the request, which closes
+		// the connection to the node, an upgraded one included.
+		ctx, cancel := context.WithCancel(context.WithValue(r.Context(), exchangeKey{}, x))
+		stop := context.AfterFunc(s.life, cancel)
+		c.proxy.ServeHTTP(rec, r.WithContext(ctx))
+		stop()
+		cancel()
+		if x.upgraded {
+			s.tunnels.Done()
+		}
 	}
 	s.metrics.Forwarded(x.fwd.result)
 	return true
@@ -280,30 +325,30 @@ func (s *Server) newNodeProxy(c *clusterNode) *httputil.ReverseProxy {
 				// The node saw a truncated body; its answer is moot.
 				return errBodyTooLarge
 			}
-			resp.Header.Del(headerRequestID) // set already, the same
-			resp.Header.Add("Via", "1.1 "+x.node)
-			if code := resp.Header.Get(httperr.Header); code != "" && resp.StatusCode >= 400 {
-				x.err = clientError(resp, code)
+			if resp.StatusCode == http.StatusSwitchingProtocols {
+				// The app's connection and the node's become a pipe
+				// http.Server no longer tracks: Serve waits for it, and
+				// the end of s.life closes it (see forwarded).
+				if !s.enter(&s.tunnels) {
+					return httperr.New(http.StatusServiceUnavailable, httperr.Draining, "server is shutting down")
+				}
+				x.upgraded = true
 			}
+			resp.Header.Add("Via", "1.1 "+x.node)
+			noteAnswer(resp, x)
 			return nil
 		},
-		ErrorLog:   s.proxy.ErrorLog,
-		BufferPool: copyBuffers,
-		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
-			x := exchangeOf(r.Context())
-			switch {
-			case x.bodyTooLarge.Load():
-				x.err = httperr.New(http.StatusRequestEntityTooLarge, httperr.BodyTooLarge, "request body exceeds the limit of %d bytes (maxbodybytes)", x.bodyLimit)
-			case r.Context().Err() != nil:
-				x.err = httperr.Wrap(err, 499, "app_gone", "the app went away")
-				x.fwd.result = x.err.Code
-				return
-			default:
-				x.err = httperr.From(err)
-			}
-			x.fwd.result = x.err.Code
-			httperr.Write(w, x.err)
-		},
+		ErrorLog:     s.proxy.ErrorLog,
+		BufferPool:   copyBuffers,
+		ErrorHandler: s.proxyError,
+	}
+}
+
+// markOwn marks an error answer this node writes to a node request as its
+// own (see headerClusterNode).
+func (s *Server) markOwn(w http.ResponseWriter, x *exchange) {
+	if x.via != "" {
+		w.Header().Set(headerClusterNode, s.node)
 	}
 }
 
@@ -340,14 +385,19 @@ func (t *nodeTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 			if cerr := req.Context().Err(); cerr != nil {
 				return nil, cerr
 			}
-			if !notConnected(err) {
-				return nil, httperr.Wrap(err, http.StatusBadGateway, httperr.TunnelBroken, "the exchange with node %q broke", n.Name)
+			if notConnected(err) {
+				t.s.metrics.NodeFailure()
+				failures = append(failures, fmt.Sprintf("%s: %v", n.Name, err))
+				continue
 			}
-			t.s.metrics.NodeFailure()
-			failures = append(failures, fmt.Sprintf("%s: %v", n.Name, err))
-			continue
+			if isTimeout(err) {
+				// The node has the request and may have run it: no other
+				// node gets it.
+				return nil, httperr.Wrap(err, http.StatusGatewayTimeout, httperr.NodeUnreachable, "node %q took the request and did not answer within %s", n.Name, t.s.cluster.answerTimeout)
+			}
+			return nil, httperr.Wrap(err, http.StatusBadGateway, httperr.TunnelBroken, "the exchange with node %q broke", n.Name)
 		}
-		if i < len(nodes)-1 && !hasBody && notHeld(resp, x) {
+		if i < len(nodes)-1 && !hasBody && notHeld(resp, x, n) {
 			// The directory was behind: that node lost the client since
 			// (or, for any client, its clients refuse); the next may not.
 			resp.Body.Close()
@@ -374,84 +424,136 @@ func nodeURL(n cluster.Node) (*url.URL, error) {
 	return u, nil
 }
 
+// dialError is a failure to connect to a node: nothing reached it.
+type dialError struct{ error }
+
+func (e dialError) Unwrap() error { return e.error }
+
 // notConnected reports whether err happened before a connection to the
 // node existed, so that no byte of the request can have reached it.
 func notConnected(err error) bool {
-	var op *net.OpError
-	var cert *tls.CertificateVerificationError
-	return (errors.As(err, &op) && op.Op == "dial") || errors.As(err, &cert)
+	var de dialError
+	return errors.As(err, &de)
 }
 
-// notHeld reports whether a node's answer says it cannot serve the request
+// isTimeout reports whether err is a deadline or timeout.
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout())
+}
+
+// notHeld reports whether node n's answer says it cannot serve the request
 // though the directory said it might: it holds no such client (any more),
-// or, for a request naming no client, its clients refuse it.
-func notHeld(resp *http.Response, x *exchange) bool {
+// or, for a request naming no client, its clients refuse it. Only n's own
+// answer counts (markOwn): the same code from a client or destination
+// says the request may have run.
+func notHeld(resp *http.Response, x *exchange, n cluster.Node) bool {
+	if resp.Header.Get(headerClusterNode) != n.Name {
+		return false
+	}
 	code := resp.Header.Get(httperr.Header)
 	return (resp.StatusCode == http.StatusServiceUnavailable && code == httperr.NoClient) ||
 		(x.want.clientID == "" && resp.StatusCode == http.StatusForbidden && code == httperr.ClientRefused)
 }
 
-// unreachable is the answer when no node the directory named could serve.
+// unreachable is the answer when no node the directory named could serve:
+// nothing was sent, or only to nodes that could not serve, so the app may
+// try again (503, Retry-After).
 func unreachable(x *exchange, failures []string) *httperr.Error {
 	who := "clients are held by"
 	if id := x.want.clientID; id != "" {
 		who = "client " + strconv.Quote(id) + " is held by"
 	}
-	return httperr.New(http.StatusBadGateway, httperr.NodeUnreachable, "%s %d other node(s) per the cluster directory, but none could serve the request: %s",
+	return httperr.New(http.StatusServiceUnavailable, httperr.NodeUnreachable, "%s %d other node(s) per the cluster directory, but none could serve the request: %s",
 		who, len(x.fwd.nodes), strings.Join(failures, "; "))
+}
+
+// failForward answers the app with e, the failure on the hop.
+func failForward(rec *recorder, x *exchange, e *httperr.Error) {
+	x.err = e
+	x.fwd.result = e.Code
+	httperr.Write(rec, e)
 }
 
 // forwardConnect opens x's CONNECT tunnel through a node holding its
 // client: a CONNECT to that node with the cluster headers, then the app's
 // connection and the node's are joined.
 func (s *Server) forwardConnect(rec *recorder, r *http.Request, x *exchange) {
-	fail := func(e *httperr.Error) {
-		x.err = e
-		x.fwd.result = e.Code
-		httperr.Write(rec, e)
-	}
 	nodes := x.fwd.nodes
 	var failures []string
 	for i, n := range nodes {
 		x.node = n.Name
-		conn, err := s.dialNode(r.Context(), n)
-		if err != nil {
-			if r.Context().Err() != nil {
-				x.err = httperr.Wrap(err, 499, "app_gone", "the app went away")
-				x.fwd.result = x.err.Code
-				return
-			}
-			s.metrics.NodeFailure()
-			failures = append(failures, err.Error())
-			continue
-		}
-		br, resp, err := s.askConnect(r.Context(), conn, x, r)
-		if err != nil {
-			conn.Close()
-			fail(httperr.Wrap(err, http.StatusBadGateway, httperr.TunnelBroken, "CONNECT through node %q failed", n.Name))
+		failure, answered := s.connectThrough(rec, r, x, n, i == len(nodes)-1)
+		if answered {
 			return
 		}
-		if resp.StatusCode != http.StatusOK {
-			if i < len(nodes)-1 && notHeld(resp, x) {
-				resp.Body.Close()
-				conn.Close()
-				failures = append(failures, fmt.Sprintf("%s: answered %d %s", n.Name, resp.StatusCode, resp.Header.Get(httperr.Header)))
-				continue
-			}
-			if code := resp.Header.Get(httperr.Header); code != "" {
-				x.err = clientError(resp, code)
-			}
-			resp.Header.Add("Via", "1.1 "+n.Name)
-			relayAnswer(rec, resp)
-			conn.Close()
-			return
-		}
-		s.splice(rec, x, tunnel.End{Conn: conn, Reader: br})
-		conn.Close() // when splice could not take over the app's connection
-		return
+		failures = append(failures, failure)
 	}
 	x.node = ""
-	fail(unreachable(x, failures))
+	failForward(rec, x, unreachable(x, failures))
+}
+
+// connectThrough tries x's CONNECT through node n. It reports whether the
+// app was answered (or went away); if not, why n could not serve it, and
+// the next node may be tried: nothing reached n, or n answered that it
+// cannot serve it (last: there is no next node).
+func (s *Server) connectThrough(rec *recorder, r *http.Request, x *exchange, n cluster.Node, last bool) (string, bool) {
+	conn, err := s.dialNode(r.Context(), n)
+	if err != nil {
+		if r.Context().Err() != nil {
+			appGone(x, err)
+			return "", true
+		}
+		s.metrics.NodeFailure()
+		return err.Error(), false
+	}
+	// The end of the server's life closes the tunnel, as the end of a
+	// session closes those through a client.
+	stop := context.AfterFunc(s.life, func() { conn.Close() })
+	defer func() {
+		stop()
+		conn.Close()
+	}()
+	br, resp, err := s.askConnect(r.Context(), conn, x, r)
+	switch {
+	case r.Context().Err() != nil:
+		if err == nil {
+			resp.Body.Close()
+		}
+		appGone(x, r.Context().Err())
+		return "", true
+	case err != nil && isTimeout(err):
+		failForward(rec, x, httperr.Wrap(err, http.StatusGatewayTimeout, httperr.NodeUnreachable, "node %q took the CONNECT and did not answer within %s", n.Name, s.cluster.answerTimeout))
+		return "", true
+	case err != nil:
+		failForward(rec, x, httperr.Wrap(err, http.StatusBadGateway, httperr.TunnelBroken, "CONNECT through node %q failed", n.Name))
+		return "", true
+	}
+	if resp.StatusCode != http.StatusOK {
+		if !last && notHeld(resp, x, n) {
+			resp.Body.Close()
+			return fmt.Sprintf("%s: answered %d %s", n.Name, resp.StatusCode, resp.Header.Get(httperr.Header)), false
+		}
+		if code := resp.Header.Get(httperr.Header); code != "" {
+			x.err = clientError(resp, code)
+		}
+		resp.Header.Add("Via", "1.1 "+n.Name)
+		relayAnswer(rec, resp)
+		return "", true
+	}
+	s.splice(rec, x, tunnel.End{Conn: conn, Reader: br})
+	if x.err != nil { // splice refused: draining
+		x.fwd.result = x.err.Code
+	}
+	return "", true
+}
+
+// appGone records that the app went away before it was answered.
+func appGone(x *exchange, err error) {
+	x.err = httperr.Wrap(err, httperr.StatusAppGone, httperr.AppGone, "the app went away")
+	if x.fwd != nil {
+		x.fwd.result = x.err.Code
+	}
 }
 
 // dialNode connects to a node's advertised address, with TLS for https.
@@ -464,24 +566,35 @@ func (s *Server) dialNode(ctx context.Context, n cluster.Node) (net.Conn, error)
 	if u.Port() == "" {
 		host = net.JoinHostPort(u.Hostname(), map[string]string{"http": "80", "https": "443"}[u.Scheme])
 	}
-	c := s.cluster
-	conn, err := c.dialer.DialContext(ctx, "tcp", host)
+	conn, err := s.cluster.dial(ctx, host, u.Scheme == "https")
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", n.Name, err)
 	}
-	if u.Scheme == "https" {
-		cfg := c.tls.Clone()
-		cfg.ServerName = u.Hostname()
-		tc := tls.Client(conn, cfg)
-		hctx, cancel := context.WithTimeout(ctx, nodeDialTimeout)
-		defer cancel()
-		if err := tc.HandshakeContext(hctx); err != nil {
-			conn.Close()
-			return nil, fmt.Errorf("%s: TLS handshake: %w", n.Name, err)
-		}
-		conn = tc
-	}
 	return conn, nil
+}
+
+// dial connects to a node at addr (host:port), with TLS when useTLS, each
+// step bounded by nodeDialTimeout. Its failures are dialErrors: nothing
+// of a request can have reached the node.
+func (c *clusterNode) dial(ctx context.Context, addr string, useTLS bool) (net.Conn, error) {
+	conn, err := c.dialer.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, dialError{err}
+	}
+	if !useTLS {
+		return conn, nil
+	}
+	host, _, _ := net.SplitHostPort(addr)
+	cfg := c.tls.Clone()
+	cfg.ServerName = host
+	tc := tls.Client(conn, cfg)
+	hctx, cancel := context.WithTimeout(ctx, nodeDialTimeout)
+	defer cancel()
+	if err := tc.HandshakeContext(hctx); err != nil {
+		conn.Close()
+		return nil, dialError{fmt.Errorf("TLS handshake: %w", err)}
+	}
+	return tc, nil
 }
 
 // askConnect sends x's CONNECT to a node on conn and reads its answer; the
@@ -499,7 +612,7 @@ func (s *Server) askConnect(ctx context.Context, conn net.Conn, x *exchange, r *
 	h["Via"] = append(r.Header.Values("Via"), "1.1 "+s.node)
 	// The node answers once its client has dialled; the app going away
 	// ends the wait.
-	conn.SetDeadline(time.Now().Add(connectAnswerTimeout))
+	conn.SetDeadline(time.Now().Add(s.cluster.answerTimeout))
 	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Now()) })
 	defer stop()
 	bw := bufio.NewWriterSize(conn, 1024)

@@ -41,6 +41,7 @@ func (s *Server) connect(w http.ResponseWriter, r *http.Request) {
 	sess, st, _, err := s.transport.open(r.Context(), x, true, &tried)
 	if err != nil {
 		x.err = httperr.From(err)
+		s.markOwn(rec, x)
 		httperr.Write(rec, x.err)
 		return
 	}
@@ -82,11 +83,13 @@ func (s *Server) connect(w http.ResponseWriter, r *http.Request) {
 }
 
 // relayAnswer passes a refused CONNECT's answer (a wsp error: status,
-// X-Wsp-Error, one-line body) on to the app.
+// X-Wsp-Error, one-line body) on to the app, without a cluster mark (see
+// markOwn), which only the node that made it may set.
 func relayAnswer(rec *recorder, resp *http.Response) {
 	for k, v := range resp.Header {
 		rec.Header()[k] = v
 	}
+	rec.Header().Del(headerClusterNode)
 	rec.WriteHeader(resp.StatusCode)
 	io.Copy(rec, io.LimitReader(resp.Body, 64<<10))
 	resp.Body.Close()

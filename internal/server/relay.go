@@ -50,10 +50,12 @@ type exchange struct {
 	// Cluster (see cluster.go): via is the node that forwarded this
 	// request here, authenticated by the cluster secret ("" = an app sent
 	// it); node is the node this one forwarded it to; fwd is set when this
-	// node forwards it.
-	via  string
-	node string
-	fwd  *forwarding
+	// node forwards it; upgraded: the node answered 101, and the request
+	// is counted in s.tunnels.
+	via      string
+	node     string
+	fwd      *forwarding
+	upgraded bool
 }
 
 // limitedBody fails a request body at its limit and notes why on x.
@@ -144,27 +146,47 @@ func (s *Server) newProxy() *httputil.ReverseProxy {
 		},
 		Transport: s.transport,
 		ModifyResponse: func(resp *http.Response) error {
-			// The app gets the relay's X-Request-Id, set before, not a copy.
-			resp.Header.Del(headerRequestID)
-			if code := resp.Header.Get(httperr.Header); code != "" && resp.StatusCode >= 400 {
-				exchangeOf(resp.Request.Context()).err = clientError(resp, code)
-			}
+			noteAnswer(resp, exchangeOf(resp.Request.Context()))
 			return nil
 		},
-		ErrorLog:   slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
-		BufferPool: copyBuffers,
-		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
-			x := exchangeOf(r.Context())
-			switch {
-			case r.Context().Err() != nil:
-				x.err = httperr.Wrap(err, 499, "app_gone", "the app went away")
-				return
-			default:
-				x.err = httperr.From(err)
-			}
-			httperr.Write(w, x.err)
-		},
+		ErrorLog:     slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+		BufferPool:   copyBuffers,
+		ErrorHandler: s.proxyError,
 	}
+}
+
+// noteAnswer is what both reverse proxies (to a client, to another node)
+// do with an answer: the app gets the relay's X-Request-Id, set before,
+// not a copy; a cluster mark that is not this node's own is dropped (see
+// markOwn); a wsp error in it is recorded on x.
+func noteAnswer(resp *http.Response, x *exchange) {
+	resp.Header.Del(headerRequestID)
+	resp.Header.Del(headerClusterNode)
+	if code := resp.Header.Get(httperr.Header); code != "" && resp.StatusCode >= 400 {
+		x.err = clientError(resp, code)
+	}
+}
+
+// proxyError is the ErrorHandler of both reverse proxies: it answers the
+// app with the failure, unless the app went away.
+func (s *Server) proxyError(w http.ResponseWriter, r *http.Request, err error) {
+	x := exchangeOf(r.Context())
+	switch {
+	case x.bodyTooLarge.Load():
+		x.err = httperr.New(http.StatusRequestEntityTooLarge, httperr.BodyTooLarge, "request body exceeds the limit of %d bytes (maxbodybytes)", x.bodyLimit)
+	case r.Context().Err() != nil && s.life.Err() != nil:
+		x.err = httperr.Wrap(err, http.StatusServiceUnavailable, httperr.Draining, "server is shutting down")
+	case r.Context().Err() != nil:
+		appGone(x, err)
+		return
+	default:
+		x.err = httperr.From(err)
+	}
+	if x.fwd != nil {
+		x.fwd.result = x.err.Code
+	}
+	s.markOwn(w, x)
+	httperr.Write(w, x.err)
 }
 
 // clientError is the failure a client reported in its answer (its one-line

@@ -47,11 +47,15 @@ type Server struct {
 	reaped   chan struct{}  // closed when the reaper has ended every session
 	pings    sync.WaitGroup // keepalive pings in flight
 	sessions sync.WaitGroup
-	tunnels  sync.WaitGroup // CONNECT tunnels: hijacked, so http.Server does not wait for them
-	certs    *certStore     // nil without TLS
-	cluster  *clusterNode   // nil without cluster.redis
-	stopMu   sync.Mutex
-	stopped  bool // guarded by stopMu: sessions and tunnels are no longer counted in
+	tunnels  sync.WaitGroup // CONNECT tunnels and forwarded upgrades: hijacked, so http.Server does not wait for them
+	// life ends when the sessions do (closeSessions): connections to
+	// other nodes, which no session's end would close, close with it.
+	life    context.Context
+	endLife context.CancelFunc
+	certs   *certStore   // nil without TLS
+	cluster *clusterNode // nil without cluster.redis
+	stopMu  sync.Mutex
+	stopped bool // guarded by stopMu: sessions and tunnels are no longer counted in
 
 	metrics *metrics.Server
 	started time.Time
@@ -87,6 +91,7 @@ func New(cfg config.Server, log *slog.Logger) (*Server, error) {
 		closing:  make(chan struct{}),
 		reaped:   make(chan struct{}),
 	}
+	s.life, s.endLife = context.WithCancel(context.Background())
 	if cfg.TLS.Enabled() {
 		if s.certs, err = newCertStore(cfg.TLS); err != nil {
 			return nil, err
@@ -156,7 +161,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	}
 
 	s.draining.Store(true)
-	s.withdraw() // other nodes stop sending here first
+	s.drainCluster() // other nodes stop sending here first, when they can
 	if notice := s.cfg.DrainNotice.D(); notice > 0 {
 		// Serve on, failing /readyz, until load balancers have noticed.
 		s.log.Info("drain notice: /readyz fails, still serving", "for", notice)
@@ -180,7 +185,8 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		s.log.Warn("drain timed out; closing in-flight requests and tunnels", "timeout", s.cfg.Drain.D())
 		hs.Close()
 	}
-	s.closeSessions() // ends the tunnels left
+	s.withdraw()      // nothing more is served here: other nodes forget this one
+	s.closeSessions() // ends the tunnels left, forwarded ones included
 	s.tunnels.Wait()
 	if err := <-errc; !errors.Is(err, http.ErrServerClosed) {
 		return err
@@ -221,6 +227,7 @@ func (s *Server) closeSessions() {
 	s.stopped = true
 	s.stopMu.Unlock()
 	close(s.closing)
+	s.endLife() // closes the connections to other nodes
 	<-s.reaped
 	s.sessions.Wait()
 	s.pings.Wait()
