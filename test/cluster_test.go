@@ -32,27 +32,9 @@ import (
 
 const clusterSecret = "cluster-secret-do-not-log"
 
-// clusterLog collects a server's log lines for the test to search.
-type clusterLog struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *clusterLog) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *clusterLog) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // startClusterNode runs an in-process server named name with the Redis
 // directory rs; mutate adjusts its configuration.
-func startClusterNode(t testing.TB, rs *redistest.Server, name string, logs *clusterLog, mutate func(*config.Server)) *relay {
+func startClusterNode(t testing.TB, rs *redistest.Server, name string, logs *logBuffer, mutate func(*config.Server)) *relay {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -126,7 +108,7 @@ var appFrom2 = &http.Client{Transport: &http.Transport{
 // and the hop visible in Via, logs, metrics and /api/stats.
 func TestClusterForwarding(t *testing.T) {
 	rs := redistest.Start(t)
-	var logA, logB clusterLog
+	var logA, logB logBuffer
 	a := startClusterNode(t, rs, "node-a", &logA, nil)
 	b := startClusterNode(t, rs, "node-b", &logB, nil)
 	c := startClusterNode(t, rs, "node-c", nil, nil)
@@ -292,7 +274,7 @@ func scrape(t *testing.T, s *server.Server) string {
 // first node did, still applies its own rules, and never forwards again.
 func TestClusterNodeRequests(t *testing.T) {
 	rs := redistest.Start(t)
-	var logA, logB clusterLog
+	var logA, logB logBuffer
 	auth := func(cfg *config.Server) {
 		cfg.Auth = config.Auth{Tokens: []string{"app-token"}}
 		cfg.Blacklist = []rules.Spec{{URL: "/forbidden"}}

@@ -1,7 +1,6 @@
 package test
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -67,28 +66,10 @@ func (r *tableResolver) count() int {
 	return r.lookups
 }
 
-// capturedLog keeps log lines for the test to count.
-type capturedLog struct {
-	mu  sync.Mutex
-	buf bytes.Buffer // guarded by mu
-}
-
-func (b *capturedLog) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *capturedLog) count(substr string) int {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return strings.Count(b.buf.String(), substr)
-}
-
 // startClientResolving runs a client whose host names resolve through res,
 // until the test ends; its log goes to the test and to logs. It does not
 // wait for a session.
-func startClientResolving(t *testing.T, cfg config.Client, res client.Resolver, logs *capturedLog) *agent {
+func startClientResolving(t *testing.T, cfg config.Client, res client.Resolver, logs *logBuffer) *agent {
 	t.Helper()
 	log := slog.New(slog.NewTextHandler(io.MultiWriter(&tWriter{t: t}, logs), &slog.HandlerOptions{Level: slog.LevelDebug})).With("component", "client")
 	c, err := client.New(cfg, log)
@@ -256,7 +237,7 @@ func TestDiscoverySessionPerNode(t *testing.T) {
 	cfg := clientConfig(&relay{addr: net.JoinHostPort(name, port)}, "pool")
 	cfg.Discovery = config.Duration(time.Second) // the shortest allowed
 	cfg.KeepAlive = config.Duration(time.Second)
-	logs := &capturedLog{}
+	logs := &logBuffer{}
 	a := startClientResolving(t, cfg, res, logs)
 
 	sessionsAre := func(want map[*nodeProcess]int) func() bool {
@@ -505,7 +486,7 @@ func TestNodeCountThroughLoadBalancer(t *testing.T) {
 	b := servedBackend(t)
 
 	cfg := clientConfig(&relay{addr: lb.addr()}, "pool")
-	logs := &capturedLog{}
+	logs := &logBuffer{}
 	a := startClientResolving(t, cfg, nil, logs)
 	waitFor(t, "one session on each node", func() bool {
 		return nodes[0].sessions() == 1 && nodes[1].sessions() == 1 && nodes[2].sessions() == 1

@@ -247,3 +247,26 @@ func mustParse(t *testing.T, raw string) *url.URL {
 	}
 	return u
 }
+
+// logBuffer keeps log lines for a test to search; safe for concurrent use.
+type logBuffer struct {
+	mu  sync.Mutex
+	buf strings.Builder // guarded by mu
+}
+
+func (b *logBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *logBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// count says how many times substr was logged.
+func (b *logBuffer) count(substr string) int {
+	return strings.Count(b.String(), substr)
+}
