@@ -700,16 +700,6 @@ func (lb *rrBalancer) close() {
 	lb.wg.Wait()
 }
 
-func pickPort(t *testing.T) int {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
-}
-
 // peakRSS reads a process's peak resident set size (VmHWM) from /proc.
 func peakRSS(t *testing.T, pid int) int64 {
 	t.Helper()
@@ -793,7 +783,7 @@ func TestClusterProcessesBehindLoadBalancer(t *testing.T) {
 	var nodes []*clusterProc
 	var addrs []string
 	for _, name := range []string{"node-a", "node-b", "node-c"} {
-		port, admin := pickPort(t), pickPort(t)
+		port, admin := redistest.FreePort(t), redistest.FreePort(t)
 		yaml := fmt.Sprintf(`host: 127.0.0.1
 port: %d
 admin: 127.0.0.1:%d

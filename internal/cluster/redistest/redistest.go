@@ -40,7 +40,7 @@ func Start(t testing.TB) *Server {
 	s := &Server{t: t, bin: bin, dir: t.TempDir()}
 	var lastErr error
 	for range 5 { // a free port may be taken between choosing and binding
-		s.Port = freePort(t)
+		s.Port = FreePort(t)
 		if lastErr = s.start(); lastErr == nil {
 			t.Cleanup(s.Stop)
 			return s
@@ -130,7 +130,8 @@ func ping(addr string) error {
 	return nil
 }
 
-func freePort(t testing.TB) int {
+// FreePort returns a loopback TCP port free at the time of the call.
+func FreePort(t testing.TB) int {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
