@@ -272,6 +272,43 @@ func TestResetStreamGoesElsewhere(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the reset request got no answer")
 	}
+	// The resetting session was tried once for the second request, not
+	// again and again while the other session was away.
+	for _, s := range r.srv.Stats().Sessions {
+		if s.Version == "test" && s.Requests != 2 {
+			t.Errorf("the resetting session was given %d requests, want 2 (one each)", s.Requests)
+		}
+	}
 	cancel()
 	<-firstDone
+}
+
+// TestReconnectAtLimitFindsRoom: a client at maxsessionsperid whose session
+// just closed reconnects at once; the closed session, not yet reaped, must
+// not count against the limit.
+func TestReconnectAtLimitFindsRoom(t *testing.T) {
+	cfg := serverConfig()
+	cfg.MaxSessionsPerID = 1
+	r := startServer(t, cfg, nil)
+	hello := tunnel.Hello{ClientID: "limited", MaxStreams: 1, Version: "test"}
+	dialer := tunnel.NewDialer(5 * time.Second)
+	for i := range 5 {
+		ws, resp, err := dialer.Dial("ws://"+r.addr+"/register", hello.Header())
+		if err != nil {
+			status := 0
+			if resp != nil {
+				status = resp.StatusCode
+			}
+			t.Fatalf("reconnect %d right after closing the previous session: %d %v", i, status, err)
+		}
+		sess, err := tunnel.NewClientSession(ws, tunnel.DefaultConfig())
+		if err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, "the server to hold the session", func() bool { return r.sessions() == 1 })
+		sess.Close()
+		// Long enough for the server to see the close, well within the
+		// reaper's period (100 ms).
+		time.Sleep(10 * time.Millisecond)
+	}
 }

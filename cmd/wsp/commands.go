@@ -42,6 +42,7 @@ func runServer(ctx context.Context, args []string, stderr io.Writer) error {
 	lw := newLogWriter(stderr)
 	defer lw.Flush()
 	log := newLogger(cfg.LogFormat, lw)
+	log = slog.New(flushOnWarn{log.Handler(), lw})
 	server.Version = version
 	if cfg.Cluster.Enabled() {
 		cluster.RouteLibraryLog(log)

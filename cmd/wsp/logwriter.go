@@ -1,7 +1,9 @@
 package main
 
 import (
+	"context"
 	"io"
+	"log/slog"
 	"sync"
 	"time"
 )
@@ -9,7 +11,9 @@ import (
 // Log lines are batched: under load the server writes an access log line
 // per request, and a write(2) of its own for each one cost as much CPU as
 // relaying the request's answer. A line waits at most logFlushDelay, or
-// until logBufferSize bytes are waiting.
+// until logBufferSize bytes are waiting; a warning or an error goes out at
+// once, with what waited before it (flushOnWarn), so the lines before a
+// crash are there to read.
 const (
 	logFlushDelay = 50 * time.Millisecond
 	logBufferSize = 64 << 10
@@ -29,8 +33,8 @@ func newLogWriter(w io.Writer) *logWriter {
 }
 
 // Write takes one log record (slog writes each with one call). It never
-// fails: an error of w is returned by the Flush that meets it, and the
-// lines it concerned are dropped rather than blocking the logger.
+// fails: the lines a failing w refuses are dropped (there is nowhere else
+// to report it) rather than held.
 func (l *logWriter) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -66,4 +70,27 @@ func (l *logWriter) flushLocked() error {
 	_, err := l.w.Write(l.buf)
 	l.buf = l.buf[:0]
 	return err
+}
+
+// flushOnWarn is a slog handler that flushes its logWriter after every
+// record at warning level or above.
+type flushOnWarn struct {
+	slog.Handler
+	w *logWriter
+}
+
+func (h flushOnWarn) Handle(ctx context.Context, r slog.Record) error {
+	err := h.Handler.Handle(ctx, r)
+	if r.Level >= slog.LevelWarn {
+		h.w.Flush()
+	}
+	return err
+}
+
+func (h flushOnWarn) WithAttrs(attrs []slog.Attr) slog.Handler {
+	return flushOnWarn{h.Handler.WithAttrs(attrs), h.w}
+}
+
+func (h flushOnWarn) WithGroup(name string) slog.Handler {
+	return flushOnWarn{h.Handler.WithGroup(name), h.w}
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"log/slog"
 	"strings"
 	"sync"
 	"testing"
@@ -78,5 +79,23 @@ func TestLogWriterFlushAndOverflow(t *testing.T) {
 	n, s := out.state()
 	if n != 4 || len(s) != len("first\n")+2*len(line)+len(big) || !strings.HasSuffix(s, string(big)) {
 		t.Fatalf("after a large record: %d writes, %d bytes", n, len(s))
+	}
+}
+
+// TestLogWriterWarnGoesOutAtOnce: a warning is written at once, with the
+// lines that waited before it.
+func TestLogWriterWarnGoesOutAtOnce(t *testing.T) {
+	var out countingWriter
+	lw := newLogWriter(&out)
+	log := slog.New(flushOnWarn{slog.NewTextHandler(lw, nil), lw}).With("component", "test")
+	log.Info("first")
+	log.Info("second")
+	if n, _ := out.state(); n != 0 {
+		t.Fatalf("%d writes after two info lines, want 0 (batched)", n)
+	}
+	log.Warn("trouble")
+	n, s := out.state()
+	if n != 1 || !strings.Contains(s, "msg=first") || !strings.Contains(s, "msg=second") || !strings.Contains(s, "msg=trouble component=test") {
+		t.Fatalf("after a warning: %d writes of %q, want the three lines in one write", n, s)
 	}
 }

@@ -13,8 +13,8 @@ import (
 	"wsp/internal/tunnel"
 )
 
-// register upgrades a client's /register request into a session and keeps
-// it in the registry until it ends. The handler's goroutine owns the session.
+// register upgrades a client's /register request into a session and puts
+// it in the registry; the reaper looks after it from then on.
 func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 	remote := r.RemoteAddr
 	if s.draining.Load() {
@@ -89,10 +89,12 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 // Nothing waits on the session from here: the handler that registered it
 // returns, freeing its goroutine and buffers (see reap).
 func (s *Server) startSession(sess *session) {
-	s.reg.add(sess)
-	s.clusterChanged()
+	// Announced before requests can find it, so that an end coming at
+	// once is logged and counted after its start.
 	s.metrics.SessionUp(sess.clientID)
 	s.log.Info("client connected", "client", sess.clientID, "session", sess.id, "remote", sess.remote, "version", sess.version)
+	s.reg.add(sess)
+	s.clusterChanged()
 	select {
 	case <-s.closing: // the reaper's last sweep may have missed it
 		s.endSession(sess, "server shutting down")
@@ -100,8 +102,10 @@ func (s *Server) startSession(sess *session) {
 	}
 }
 
-// endSession takes sess out of the registry, closes it and logs why it
-// ended. Only the first call for a session does anything.
+// endSession takes sess out of the registry, then closes it and logs why
+// it ended in a goroutine of its own (closing may wait on a peer that reads
+// nothing, up to a TLS close_notify's deadline: never on the reaper). Only
+// the first call for a session does anything.
 func (s *Server) endSession(sess *session, cause string) {
 	if !sess.ended.CompareAndSwap(false, true) {
 		return
@@ -111,10 +115,12 @@ func (s *Server) endSession(sess *session, cause string) {
 		s.clusterChanged() // the directory drops the id
 	}
 	s.metrics.SessionDown(sess.clientID, left)
-	sess.Close()
-	s.log.Info("client disconnected", "client", sess.clientID, "session", sess.id, "remote", sess.remote,
-		"cause", cause, "duration", time.Since(sess.since).Round(time.Millisecond), "requests", sess.requests.Load())
-	s.sessions.Done()
+	go func() {
+		sess.Close()
+		s.log.Info("client disconnected", "client", sess.clientID, "session", sess.id, "remote", sess.remote,
+			"cause", cause, "duration", time.Since(sess.since).Round(time.Millisecond), "requests", sess.requests.Load())
+		s.sessions.Done()
+	}()
 }
 
 // reapPeriod bounds how long an ended session stays in the registry (a
@@ -137,10 +143,11 @@ func (s *Server) reap() {
 	t := time.NewTicker(period)
 	defer t.Stop()
 	swept, pinged := time.Now(), time.Now()
+	keepalive := s.tunnel.KeepAlive
 	for {
 		select {
 		case <-s.closing:
-			for _, sess := range s.reg.sessions() {
+			for _, sess := range s.reg.clear() {
 				s.endSession(sess, "server shutting down")
 			}
 			return
@@ -149,9 +156,9 @@ func (s *Server) reap() {
 			if sweep {
 				swept = now
 			}
-			ping := now.Sub(pinged) >= s.tunnel.KeepAlive
+			ping := now.Sub(pinged) >= keepalive
 			if ping {
-				pinged = now
+				pinged = pinged.Add(keepalive)
 			}
 			for _, sess := range s.reg.sessions() {
 				if cause := endedBy(sess, idle); cause != "" {
@@ -159,33 +166,43 @@ func (s *Server) reap() {
 					continue
 				}
 				if sess.mux == nil {
-					continue // legacy clients answer WebSocket pings on their own
+					// Legacy clients: the server does not ping them (they
+					// ping, as root-gg/wsp did); idletimeout ends the silent.
+					continue
 				}
-				if sweep {
-					sess.closeIdleStreams(now.Add(-idleStreamTimeout))
-				}
-				if ping {
-					s.ping(sess)
+				if sweep || ping {
+					s.tend(sess, ping, now.Add(-idleStreamTimeout), sweep)
 				}
 			}
 		}
 	}
 }
 
-// ping checks that sess's client still answers, unless the last ping is
-// still out: a client that does not answer within keepalive has its
-// session ended (ConnectionWriteTimeout bounds Ping). A goroutine lives
-// for each ping's round trip only.
-func (s *Server) ping(sess *session) {
-	if !sess.pinging.CompareAndSwap(false, true) {
+// tend pings sess's client and closes its streams idle since before
+// cutoff, in a goroutine of its own, unless the last one is still at it:
+// both may wait on the client (the ping for its answer, closing a stream to
+// write a frame), and one stuck client must not hold up the reaper. A
+// client that does not answer a ping within keepalive has its session
+// ended (ConnectionWriteTimeout bounds Ping). The goroutine lives for the
+// ping's round trip.
+func (s *Server) tend(sess *session, ping bool, cutoff time.Time, sweep bool) {
+	if !sess.tending.CompareAndSwap(false, true) {
 		return
 	}
-	s.pings.Add(1)
+	s.chores.Add(1)
 	go func() {
-		defer s.pings.Done()
-		defer sess.pinging.Store(false)
-		if _, err := sess.mux.Ping(); err != nil && !sess.mux.IsClosed() {
-			s.endSession(sess, fmt.Sprintf("no answer to a keepalive ping within %s", s.tunnel.KeepAlive))
+		defer s.chores.Done()
+		defer sess.tending.Store(false)
+		if ping {
+			if _, err := sess.mux.Ping(); err != nil {
+				if !sess.mux.IsClosed() {
+					s.endSession(sess, fmt.Sprintf("no answer to a keepalive ping within %s", s.tunnel.KeepAlive))
+				}
+				return
+			}
+		}
+		if sweep {
+			sess.closeIdleStreams(cutoff)
 		}
 	}()
 }

@@ -43,7 +43,7 @@ type session struct {
 	lastErr  atomic.Pointer[ErrorInfo]
 	gone     atomic.Bool // closed, or the client said go away: never picked again
 	ended    atomic.Bool // endSession ran
-	pinging  atomic.Bool // a keepalive ping is out
+	tending  atomic.Bool // a keepalive ping or idle-stream sweep is under way (tend)
 
 	mu   sync.Mutex
 	idle []idleStream // guarded by mu; oldest first. len(idle)+inflight <= maxStreams
@@ -95,8 +95,18 @@ func (r *registry) add(s *session) {
 // overshoot by the registrations in flight at once.
 func (r *registry) room(id string, max, maxPerID int) *httperr.Error {
 	r.mu.RLock()
-	total, mine := len(r.all), len(r.pools[id])
+	all, pool := r.all, r.pools[id]
 	r.mu.RUnlock()
+	// Sessions that closed since the reaper's last look do not count: a
+	// client at its limit that reconnects at once must find room. Counted
+	// one by one only near the limits.
+	total, mine := len(all), len(pool)
+	if total >= max {
+		total = live(all)
+	}
+	if mine >= maxPerID {
+		mine = live(pool)
+	}
 	switch {
 	case total >= max:
 		return httperr.New(http.StatusServiceUnavailable, httperr.SessionLimit, "the server holds its maximum of %d client sessions (maxsessions)", max)
@@ -104,6 +114,33 @@ func (r *registry) room(id string, max, maxPerID int) *httperr.Error {
 		return httperr.New(http.StatusServiceUnavailable, httperr.SessionLimit, "the server holds its maximum of %d sessions for client id %q (maxsessionsperid)", maxPerID, id)
 	}
 	return nil
+}
+
+// clear removes every session at once and returns them: at shutdown,
+// removing 10,000 sessions one by one would copy the lists each time.
+func (r *registry) clear() []*session {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	all := r.all
+	for _, s := range all {
+		s.gone.Store(true)
+	}
+	r.all = nil
+	r.pools = map[string][]*session{}
+	return all
+}
+
+// live counts the sessions of list whose connection is still open.
+func live(list []*session) int {
+	n := 0
+	for _, s := range list {
+		select {
+		case <-s.CloseChan():
+		default:
+			n++
+		}
+	}
+	return n
 }
 
 // remove drops s and returns how many sessions its client id has left.

@@ -45,7 +45,7 @@ type Server struct {
 	draining atomic.Bool    // set when Serve's context ends: /readyz fails, /register refuses
 	closing  chan struct{}  // closed when the drain is over: sessions end
 	reaped   chan struct{}  // closed when the reaper has ended every session
-	pings    sync.WaitGroup // keepalive pings in flight
+	chores   sync.WaitGroup // keepalive pings and idle-stream sweeps under way (tend)
 	sessions sync.WaitGroup
 	tunnels  sync.WaitGroup // CONNECT tunnels and forwarded upgrades: hijacked, so http.Server does not wait for them
 	// life ends when the sessions do (closeSessions): connections to
@@ -230,7 +230,7 @@ func (s *Server) closeSessions() {
 	s.endLife() // closes the connections to other nodes
 	<-s.reaped
 	s.sessions.Wait()
-	s.pings.Wait()
+	s.chores.Wait()
 }
 
 // enter counts a session or tunnel about to leave http.Server's tracking

@@ -61,6 +61,12 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 			// request, so sending it again is safe.
 			continue
 		}
+		if errors.Is(err, errStreamReset) {
+			// Never read either, but this session refuses new streams
+			// (it is going away, or its backlog is full): another one.
+			tried = append(tried, s)
+			continue
+		}
 		return resp, err
 	}
 }
@@ -123,6 +129,11 @@ func (b *releasingBody) Close() error {
 // errClosedIdle is a reused stream found closed before any byte of an answer.
 var errClosedIdle = errors.New("stream closed while idle")
 
+// errStreamReset is a stream the client's multiplexer reset before handing
+// it to the client: it crossed the client's go-away, or the client's accept
+// backlog was full.
+var errStreamReset = errors.New("stream reset by the client's multiplexer")
+
 // exchange sends req on st and returns the response, whose Body owns the
 // stream and the session's slot until closed.
 func (t *transport) exchange(req *http.Request, s *session, st *yamux.Stream, reused bool) (*http.Response, error) {
@@ -159,7 +170,7 @@ func (t *transport) exchange(req *http.Request, s *session, st *yamux.Stream, re
 		bw.Reset(nil)
 		writerPool.Put(bw)
 		if errors.Is(err, yamux.ErrConnectionReset) {
-			return fail(errClosedIdle) // refused unread: see below
+			return fail(errStreamReset)
 		}
 		if err != nil {
 			return fail(broken(err))
@@ -221,10 +232,8 @@ func (t *transport) exchange(req *http.Request, s *session, st *yamux.Stream, re
 			return fail(errClosedIdle)
 		}
 		if errors.Is(err, yamux.ErrConnectionReset) && sent == nil {
-			// The client's multiplexer reset the stream: it never handed it
-			// to the client (the stream crossed the client's go-away, or its
-			// accept backlog was full), so the request did not run.
-			return fail(errClosedIdle)
+			// Never handed to the client, so the request did not run.
+			return fail(errStreamReset)
 		}
 		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
 			err = fmt.Errorf("stream closed in the middle of a response: %w", err)
