@@ -166,15 +166,6 @@ func isCertError(err error) bool {
 	return errors.As(err, &unknown) || errors.As(err, &invalid) || errors.As(err, &host) || errors.As(err, &verify)
 }
 
-// redactURL drops user info from a target for logs.
-func redactURL(target string) string {
-	u, err := url.Parse(target)
-	if err != nil {
-		return "(unparsable target)"
-	}
-	return u.Redacted()
-}
-
 // backoff is the wait before attempt n+1 after n failures.
 func backoff(n int) time.Duration {
 	ceil := backoffCap

@@ -14,6 +14,7 @@ import (
 	"sync"
 	"time"
 
+	"wsp/internal/config"
 	"wsp/internal/tunnel"
 )
 
@@ -93,12 +94,12 @@ type targetGroup struct {
 func newTargetGroup(c *Client, target string) (*targetGroup, error) {
 	u, err := url.Parse(wsURL(target))
 	if err != nil {
-		return nil, fmt.Errorf("target %s: %w", redactURL(target), err)
+		return nil, fmt.Errorf("target %s: %w", config.RedactURL(target), err)
 	}
 	g := &targetGroup{
 		c:        c,
 		target:   target,
-		name:     redactURL(target),
+		name:     config.RedactURL(target),
 		resolver: c.Resolver,
 		interval: c.cfg.Discovery.D(),
 		heldWait: max(c.cfg.Discovery.D(), backoffCap),

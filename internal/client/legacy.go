@@ -238,7 +238,7 @@ func (p *legacyPool) dial(ctx context.Context) (*websocket.Conn, error) {
 // logged once per distinct cause; a connection joins the pool, unless it
 // drains. The first one up makes the target ready.
 func (p *legacyPool) opened(ctx context.Context, ws *websocket.Conn, err error) *legacyConn {
-	t := redactURL(p.target)
+	t := config.RedactURL(p.target)
 	p.mu.Lock()
 	p.dialing--
 	if err != nil {
@@ -302,7 +302,7 @@ func (p *legacyPool) closed(lc *legacyConn, cause string) {
 	if last {
 		p.c.ready.Add(-1)
 		p.c.metrics.Session(-1)
-		p.c.setTarget(p.target, targetState{Target: redactURL(p.target), LastError: cause})
+		p.c.setTarget(p.target, targetState{Target: config.RedactURL(p.target), LastError: cause})
 		if !draining {
 			p.retryAt = time.Now().Add(backoff(1))
 		}
@@ -310,14 +310,14 @@ func (p *legacyPool) closed(lc *legacyConn, cause string) {
 	p.mu.Unlock()
 	switch {
 	case last && draining:
-		p.c.log.Info("disconnected", "target", redactURL(p.target), "protocol", "legacy", "cause", cause)
+		p.c.log.Info("disconnected", "target", config.RedactURL(p.target), "protocol", "legacy", "cause", cause)
 	case last:
-		p.c.log.Warn("disconnected; reconnecting", "target", redactURL(p.target), "protocol", "legacy", "cause", cause)
+		p.c.log.Warn("disconnected; reconnecting", "target", config.RedactURL(p.target), "protocol", "legacy", "cause", cause)
 		p.poke()
 	default:
 		// The pool refills on its next check, not at once: a server that
 		// drops connections as fast as they come costs one round a second.
-		p.c.log.Debug("legacy connection ended", "target", redactURL(p.target), "cause", cause)
+		p.c.log.Debug("legacy connection ended", "target", config.RedactURL(p.target), "cause", cause)
 	}
 }
 
@@ -389,7 +389,7 @@ func (p *legacyPool) drain(abandon context.CancelFunc) {
 		rest = append(rest, lc.ws)
 	}
 	p.mu.Unlock()
-	p.c.log.Warn("drain timed out; abandoning requests", "target", redactURL(p.target), "protocol", "legacy", "in_flight", len(rest))
+	p.c.log.Warn("drain timed out; abandoning requests", "target", config.RedactURL(p.target), "protocol", "legacy", "in_flight", len(rest))
 	abandon()
 	for _, ws := range rest {
 		ws.Close()
@@ -487,7 +487,7 @@ func (p *legacyPool) readFailed(lc *legacyConn, err error) string {
 // violation logs a server's breach of the protocol and tells the server
 // why this connection ends; the others are not affected.
 func (p *legacyPool) violation(ws *websocket.Conn, err error) string {
-	p.c.log.Warn("server broke the legacy protocol; closing this connection", "target", redactURL(p.target), "cause", err)
+	p.c.log.Warn("server broke the legacy protocol; closing this connection", "target", config.RedactURL(p.target), "cause", err)
 	ws.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(websocket.CloseProtocolError, ""), time.Now().Add(time.Second))
 	return err.Error()
 }

@@ -29,7 +29,6 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
-	"net/url"
 	"slices"
 	"strconv"
 	"sync"
@@ -38,6 +37,8 @@ import (
 
 	"github.com/redis/go-redis/v9"
 	"github.com/redis/go-redis/v9/maintnotifications"
+
+	"wsp/internal/config"
 )
 
 // Bounds on every Redis call: a Redis that is down or black-holed costs a
@@ -190,7 +191,7 @@ func New(cfg Config) (*Directory, error) {
 	opts.MaintNotificationsConfig = &maintnotifications.Config{Mode: maintnotifications.ModeDisabled}
 	return &Directory{
 		cfg:     cfg,
-		redis:   redactURL(cfg.Redis),
+		redis:   config.RedactURL(cfg.Redis),
 		rdb:     redis.NewClient(opts),
 		kick:    make(chan struct{}, 1),
 		written: map[string]bool{},
@@ -198,14 +199,6 @@ func New(cfg Config) (*Directory, error) {
 }
 
 // redactURL hides a password in u.
-func redactURL(u string) string {
-	p, err := url.Parse(u)
-	if err != nil {
-		return "(unparsable)"
-	}
-	return p.Redacted()
-}
-
 // Period is the heartbeat period: a third of the TTL.
 func (d *Directory) Period() time.Duration { return d.cfg.TTL / 3 }
 

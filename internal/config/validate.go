@@ -309,7 +309,7 @@ func (c *Cluster) validate(p *problems) {
 	if r, err := resolveSecret(c.Redis); err != nil {
 		p.add("cluster.redis", "%v", err)
 	} else if u, err := url.Parse(r); err != nil || (u.Scheme != "redis" && u.Scheme != "rediss") || u.Host == "" {
-		p.add("cluster.redis", "invalid URL %q: want redis://HOST:PORT/DB or rediss://HOST:PORT/DB", redactedURL(r))
+		p.add("cluster.redis", "invalid URL %q: want redis://HOST:PORT/DB or rediss://HOST:PORT/DB", RedactURL(r))
 	} else {
 		c.Redis = r
 	}
@@ -325,8 +325,8 @@ func (c *Cluster) validate(p *problems) {
 	}
 }
 
-// redactedURL hides a password in u, for error messages.
-func redactedURL(u string) string {
+// RedactURL is u with its password hidden, for logs and error messages.
+func RedactURL(u string) string {
 	if p, err := url.Parse(u); err == nil {
 		return p.Redacted()
 	}

@@ -514,7 +514,7 @@ func (s *Server) connectThrough(rec *recorder, r *http.Request, x *exchange, n c
 		stop()
 		conn.Close()
 	}()
-	br, resp, err := s.askConnect(r.Context(), conn, x, r)
+	br, resp, err := s.askNodeConnect(r.Context(), conn, x, r)
 	switch {
 	case r.Context().Err() != nil:
 		if err == nil {
@@ -597,12 +597,10 @@ func (c *clusterNode) dial(ctx context.Context, addr string, useTLS bool) (net.C
 	return tc, nil
 }
 
-// askConnect sends x's CONNECT to a node on conn and reads its answer; the
+// askNodeConnect sends x's CONNECT to a node on conn and reads its answer; the
 // reader holds what the node sent after the answer's head.
-func (s *Server) askConnect(ctx context.Context, conn net.Conn, x *exchange, r *http.Request) (*bufio.Reader, *http.Response, error) {
-	target := x.dest.Host
-	req := &http.Request{Method: http.MethodConnect, URL: &url.URL{Host: target}, Host: target, Header: http.Header{}}
-	h := req.Header
+func (s *Server) askNodeConnect(ctx context.Context, conn net.Conn, x *exchange, r *http.Request) (*bufio.Reader, *http.Response, error) {
+	h := http.Header{}
 	h.Set(headerClusterNode, s.node)
 	h.Set(headerClusterSecret, s.cluster.secret)
 	h.Set(headerRequestID, x.id)
@@ -615,16 +613,7 @@ func (s *Server) askConnect(ctx context.Context, conn net.Conn, x *exchange, r *
 	conn.SetDeadline(time.Now().Add(s.cluster.answerTimeout))
 	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Now()) })
 	defer stop()
-	bw := bufio.NewWriterSize(conn, 1024)
-	err := req.Write(bw)
-	if err == nil {
-		err = bw.Flush()
-	}
-	if err != nil {
-		return nil, nil, err
-	}
-	br := bufio.NewReader(conn)
-	resp, err := http.ReadResponse(br, req)
+	br, resp, err := askConnect(conn, x.dest.Host, h)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -53,21 +53,9 @@ func (s *Server) connect(w http.ResponseWriter, r *http.Request) {
 	}
 	defer st.Close()
 
-	req := &http.Request{Method: http.MethodConnect, URL: &url.URL{Host: target}, Host: target, Header: http.Header{}}
-	bw := bufio.NewWriterSize(st, 512)
-	err = req.Write(bw)
-	if err == nil {
-		err = bw.Flush()
-	}
-	if err != nil {
-		x.err = httperr.Wrap(err, http.StatusBadGateway, httperr.TunnelBroken, "the session to client %q broke", sess.clientID)
-		httperr.Write(rec, x.err)
-		return
-	}
-	br := bufio.NewReader(st)
 	// The client answers once it has dialled (within its dialtimeout).
 	st.SetReadDeadline(time.Now().Add(connectAnswerTimeout))
-	resp, err := http.ReadResponse(br, req)
+	br, resp, err := askConnect(st, target, http.Header{})
 	st.SetReadDeadline(time.Time{})
 	if err != nil {
 		x.err = httperr.Wrap(err, http.StatusBadGateway, httperr.TunnelBroken, "the session to client %q broke", sess.clientID)
@@ -122,4 +110,24 @@ func (s *Server) splice(rec *recorder, x *exchange, far tunnel.End) {
 	up, down := tunnel.Join(tunnel.End{Conn: conn, Reader: brw.Reader}, far, s.cfg.IdleTimeout.D())
 	rec.bytes = down
 	x.bytesIn.Store(up)
+}
+
+// askConnect sends a CONNECT for target, with header h, on rw and reads the
+// answer; the reader may hold the first bytes of the tunnel.
+func askConnect(rw io.ReadWriter, target string, h http.Header) (*bufio.Reader, *http.Response, error) {
+	req := &http.Request{Method: http.MethodConnect, URL: &url.URL{Host: target}, Host: target, Header: h}
+	bw := bufio.NewWriterSize(rw, 1024)
+	err := req.Write(bw)
+	if err == nil {
+		err = bw.Flush()
+	}
+	if err != nil {
+		return nil, nil, err
+	}
+	br := bufio.NewReader(rw)
+	resp, err := http.ReadResponse(br, req)
+	if err != nil {
+		return nil, nil, err
+	}
+	return br, resp, nil
 }
