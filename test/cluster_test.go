@@ -808,8 +808,8 @@ cluster:
 	dest := backend(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch {
 		case r.URL.Path == "/big" && r.Method == "GET":
-			w.Header().Set("Content-Length", strconv.Itoa(bigSize))
-			io.Copy(w, pattern(3, bigSize))
+			w.Header().Set("Content-Length", strconv.FormatInt(bigSize(), 10))
+			io.Copy(w, pattern(3, bigSize()))
 		case r.URL.Path == "/big":
 			h := sha256.New()
 			n, err := io.Copy(h, r.Body)
@@ -867,23 +867,23 @@ cluster:
 	resp := do(t, req)
 	h := sha256.New()
 	n, err := io.Copy(h, resp.Body)
-	if err != nil || n != bigSize || hex.EncodeToString(h.Sum(nil)) != patternSum(3, bigSize) || resp.Header.Get("Via") != "1.1 "+own.name {
+	if err != nil || n != bigSize() || hex.EncodeToString(h.Sum(nil)) != patternSum(3, bigSize()) || resp.Header.Get("Via") != "1.1 "+own.name {
 		t.Fatalf("download through %s: %d bytes, %v, Via %q", other.name, n, err, resp.Header.Get("Via"))
 	}
 	down := time.Since(start)
 	start = time.Now()
-	req, _ = http.NewRequest("PUT", "http://"+other.addr+"/request", pattern(4, bigSize))
+	req, _ = http.NewRequest("PUT", "http://"+other.addr+"/request", pattern(4, bigSize()))
 	req.Header.Set("X-Proxy-Destination", dest.URL+"/big")
 	req.Header.Set("X-Proxy-Client", "dc1")
 	resp = do(t, req)
-	if got, want := readAll(t, resp.Body), fmt.Sprintf("%d %s", bigSize, patternSum(4, bigSize)); resp.StatusCode != 200 || got != want {
+	if got, want := readAll(t, resp.Body), fmt.Sprintf("%d %s", bigSize(), patternSum(4, bigSize())); resp.StatusCode != 200 || got != want {
 		t.Fatalf("upload through %s: %d %q, want %q", other.name, resp.StatusCode, got, want)
 	}
 	up := time.Since(start)
 	growth := peakRSS(t, other.p.cmd.Process.Pid) - before
 	t.Logf("through %s, not holding the client: %d MiB down in %s (%.0f MiB/s), up in %s (%.0f MiB/s); its peak RSS grew %.1f MiB",
-		other.name, bigSize>>20, down.Round(time.Millisecond), float64(bigSize>>20)/down.Seconds(),
-		up.Round(time.Millisecond), float64(bigSize>>20)/up.Seconds(), float64(growth)/(1<<20))
+		other.name, bigSize()>>20, down.Round(time.Millisecond), float64(bigSize()>>20)/down.Seconds(),
+		up.Round(time.Millisecond), float64(bigSize()>>20)/up.Seconds(), float64(growth)/(1<<20))
 	if growth > memoryBound {
 		t.Fatalf("the forwarding node's peak RSS grew %d MiB, bound %d MiB", growth>>20, memoryBound>>20)
 	}

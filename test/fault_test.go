@@ -341,7 +341,7 @@ func TestFaultClientKilledMidTransfer(t *testing.T) {
 	t.Run("download", func(t *testing.T) {
 		leakCheck(t)
 		r := startServer(t, faultServerConfig(), nil)
-		b := backend(t, http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) { bigBody(w, bigSize) }))
+		b := backend(t, http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) { bigBody(w, bigSize()) }))
 		victim := startWsp(t, "client", clientProcessYAML(r.addr, "victim"))
 		waitFor(t, "the client process", func() bool { return r.sessions() == 1 })
 
@@ -366,8 +366,8 @@ func TestFaultClientKilledMidTransfer(t *testing.T) {
 		select {
 		case res := <-done:
 			took := time.Since(killed)
-			t.Logf("after SIGKILL: read %d more bytes (%d of %d), then %v, %v after the kill", res.n, 16<<20+res.n, bigSize, res.err, took.Round(time.Millisecond))
-			if res.err == nil || 16<<20+res.n >= bigSize {
+			t.Logf("after SIGKILL: read %d more bytes (%d of %d), then %v, %v after the kill", res.n, 16<<20+res.n, bigSize(), res.err, took.Round(time.Millisecond))
+			if res.err == nil || 16<<20+res.n >= bigSize() {
 				t.Fatalf("the download completed (%d bytes, %v) although its client was killed", 16<<20+res.n, res.err)
 			}
 		case <-time.After(limit):

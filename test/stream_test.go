@@ -2,6 +2,7 @@ package test
 
 import (
 	"crypto/sha256"
+	"flag"
 	"encoding/hex"
 	"fmt"
 	"io"
@@ -15,7 +16,12 @@ import (
 	"time"
 )
 
-const bigSize = 256 << 20
+// bigMiB is the size of the big bodies of the streaming tests: 256 MiB by
+// default, `go test ./test -run Big -bigbody 1024` for 1 GiB.
+var bigMiB = flag.Int("bigbody", 256, "size in MiB of the big bodies that streaming tests send")
+
+// bigSize() is the size of a big body, in bytes.
+func bigSize() int64 { return int64(*bigMiB) << 20 }
 
 // memoryBound is how much the heap of this process (app, server, client and
 // backend together) may grow while a big body streams through.
@@ -81,22 +87,22 @@ func TestBigDownloadStreamsInBoundedMemory(t *testing.T) {
 		t.Skip("moves 256 MiB")
 	}
 	r, b := setup(t, http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
-		w.Header().Set("Content-Length", strconv.Itoa(bigSize))
-		io.Copy(w, pattern(1, bigSize))
+		w.Header().Set("Content-Length", strconv.FormatInt(bigSize(), 10))
+		io.Copy(w, pattern(1, bigSize()))
 	}))
-	want := patternSum(1, bigSize)
+	want := patternSum(1, bigSize())
 	hw := watchHeap()
 	resp := do(t, r.request(t, "GET", b.URL+"/big", nil))
 	h := sha256.New()
 	n, err := io.Copy(h, resp.Body)
 	growth := hw.growth()
-	if err != nil || n != bigSize {
+	if err != nil || n != bigSize() {
 		t.Fatalf("read %d bytes: %v", n, err)
 	}
 	if got := hex.EncodeToString(h.Sum(nil)); got != want {
 		t.Fatalf("sha256 %s, want %s", got, want)
 	}
-	t.Logf("heap growth during a %d MiB download: %.1f MiB", bigSize>>20, float64(growth)/(1<<20))
+	t.Logf("heap growth during a %d MiB download: %.1f MiB", bigSize()>>20, float64(growth)/(1<<20))
 	if growth > memoryBound {
 		t.Fatalf("heap grew by %d MiB, bound %d MiB", growth>>20, memoryBound>>20)
 	}
@@ -115,12 +121,12 @@ func TestBigUploadStreamsInBoundedMemory(t *testing.T) {
 		}
 		fmt.Fprintf(w, "%d %x", n, h.Sum(nil))
 	}))
-	want := fmt.Sprintf("%d %s", bigSize, patternSum(2, bigSize))
+	want := fmt.Sprintf("%d %s", bigSize(), patternSum(2, bigSize()))
 	for _, chunked := range []bool{false, true} {
 		hw := watchHeap()
-		req := r.request(t, "PUT", b.URL+"/big", pattern(2, bigSize))
+		req := r.request(t, "PUT", b.URL+"/big", pattern(2, bigSize()))
 		if !chunked {
-			req.ContentLength = bigSize
+			req.ContentLength = bigSize()
 		}
 		resp := do(t, req)
 		got := readAll(t, resp.Body)
@@ -128,7 +134,7 @@ func TestBigUploadStreamsInBoundedMemory(t *testing.T) {
 		if resp.StatusCode != 200 || got != want {
 			t.Fatalf("chunked=%v: status %d body %q, want %q", chunked, resp.StatusCode, got, want)
 		}
-		t.Logf("heap growth during a %d MiB upload (chunked=%v): %.1f MiB", bigSize>>20, chunked, float64(growth)/(1<<20))
+		t.Logf("heap growth during a %d MiB upload (chunked=%v): %.1f MiB", bigSize()>>20, chunked, float64(growth)/(1<<20))
 		if growth > memoryBound {
 			t.Fatalf("heap grew by %d MiB, bound %d MiB", growth>>20, memoryBound>>20)
 		}
