@@ -2,8 +2,8 @@ package test
 
 import (
 	"crypto/sha256"
-	"flag"
 	"encoding/hex"
+	"flag"
 	"fmt"
 	"io"
 	"math/rand/v2"
