@@ -176,10 +176,17 @@ func backoff(n int) time.Duration {
 }
 
 func sleep(ctx context.Context, d time.Duration) bool {
+	return sleepUnless(ctx, d, nil)
+}
+
+// sleepUnless is sleep cut short when early is closed (nil: never).
+func sleepUnless(ctx context.Context, d time.Duration, early <-chan struct{}) bool {
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
 	case <-t.C:
+		return true
+	case <-early:
 		return true
 	case <-ctx.Done():
 		return false

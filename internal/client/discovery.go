@@ -89,7 +89,17 @@ type targetGroup struct {
 	// at debug) however many slots meet it, in whatever order.
 	logged     map[string]bool // guarded by mu
 	loggedHint int             // guarded by mu: the node count the last "opening more sessions" line gave
+	// sessionEnded is closed, and replaced, when a session of the target
+	// ends: an address slot waiting because its node was held elsewhere
+	// tries again at once. Guarded by mu.
+	sessionEnded chan struct{}
 }
+
+// redundantWaits is how many discovery intervals an address slot waits
+// after landing on a node another address holds (A and AAAA records of one
+// server), unless a session of the target ends first: each attempt costs
+// the server a connect/disconnect pair of log lines.
+const redundantWaits = 10
 
 func newTargetGroup(c *Client, target string) (*targetGroup, error) {
 	u, err := url.Parse(wsURL(target))
@@ -106,6 +116,8 @@ func newTargetGroup(c *Client, target string) (*targetGroup, error) {
 		backoff:  backoff,
 		wake:     make(chan struct{}, 1),
 		logged:   map[string]bool{},
+
+		sessionEnded: make(chan struct{}),
 	}
 	if g.resolver == nil {
 		g.resolver = net.DefaultResolver
@@ -356,6 +368,7 @@ func (g *targetGroup) runSlot(ctx context.Context, s *slot) {
 			}
 			continue
 		}
+		ended := g.endedSignal() // before admit: no end may slip between
 		switch v, round := g.admit(s, via, ans); v {
 		case unwanted:
 			g.dismiss(sess, "this client retired the session's slot meanwhile")
@@ -366,16 +379,20 @@ func (g *targetGroup) runSlot(ctx context.Context, s *slot) {
 			failures++
 			held++
 			wait := g.backoff(failures)
+			var early <-chan struct{}
 			switch {
 			case v == redundant && !s.extra && g.interval > 0:
 				// This address leads to a node another address holds,
-				// and no node is missing: look again at discovery's pace.
-				wait, held, failures = g.interval, 0, 0
+				// and no node is missing: look again much later, or as
+				// soon as a session of the target ends (the other
+				// address may have stopped working).
+				wait, held, failures = redundantWaits*g.interval, 0, 0
+				early = ended
 			case v == redundant || held >= round:
 				wait, held, failures = g.heldWait, 0, 0
 			}
 			g.landedOnHeld(ctx, s, via, ans, wait)
-			if !sleep(ctx, wait) {
+			if !sleepUnless(ctx, wait, early) {
 				return
 			}
 			continue
@@ -452,9 +469,18 @@ func (g *targetGroup) admit(s *slot, via string, ans answer) (verdict, int) {
 func (g *targetGroup) ended(s *slot, cause string) {
 	g.mu.Lock()
 	g.book.release(s, cause)
+	close(g.sessionEnded)
+	g.sessionEnded = make(chan struct{})
 	g.mu.Unlock()
 	g.poke()
 	g.publish()
+}
+
+// endedSignal is closed when a session of the target next ends.
+func (g *targetGroup) endedSignal() <-chan struct{} {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.sessionEnded
 }
 
 // failed records why s could not connect.

@@ -542,6 +542,20 @@ func TestAddressOfHeldNode(t *testing.T) {
 	if n := g.logs.count(slog.LevelInfo, causeDuplicate); n != 1 {
 		t.Errorf("logged %d times at info, want once", n)
 	}
+
+	// The first address stops working and the node drops its session: the
+	// waiting address takes over at once, not a discovery interval (an
+	// hour here) later.
+	fc.srv.Listener.Close()
+	fc.replace("a", "a")
+	waitUntil(t, "the second address to hold the node", func() bool {
+		for _, s := range g.state().Sessions {
+			if s.Connected && s.Address == "127.0.0.2" {
+				return true
+			}
+		}
+		return false
+	})
 }
 
 // One cause met by several slots, through several addresses, is logged
