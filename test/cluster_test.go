@@ -3,6 +3,7 @@ package test
 import (
 	"bufio"
 	"context"
+	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -94,6 +95,17 @@ func clusterGet(t *testing.T, addr, id, dest string, extra http.Header) (*http.R
 	return resp, readAll(t, resp.Body)
 }
 
+// nodeHeaders are the headers of a node-to-node request from node, signed
+// with secret at the given time, written from docs/protocol.md.
+func nodeHeaders(node, secret string, at time.Time, method, target, client, id string) http.Header {
+	m := hmac.New(sha256.New, []byte(secret))
+	fmt.Fprintf(m, "wsp-node-v1\n%d\n%s\n%s\n%s\n%s\n%s", at.Unix(), node, method, target, client, id)
+	return http.Header{
+		"X-Wsp-Cluster-Node": {node},
+		"X-Wsp-Cluster-Auth": {fmt.Sprintf("t=%d,mac=%s", at.Unix(), hex.EncodeToString(m.Sum(nil)))},
+	}
+}
+
 // appFrom2 is an app on 127.0.0.2, so that a destination can tell the
 // app's address (X-Forwarded-For) from a node's (127.0.0.1).
 var appFrom2 = &http.Client{Transport: &http.Transport{
@@ -151,7 +163,7 @@ func TestClusterForwarding(t *testing.T) {
 		if got := h.Get("X-Request-Id"); got != id {
 			t.Errorf("through %s: the destination saw X-Request-Id %q, want %q", n.addr, got, id)
 		}
-		for _, name := range []string{"X-Wsp-Cluster-Node", "X-Wsp-Cluster-Secret", "X-Proxy-Client", "X-Proxy-Destination"} {
+		for _, name := range []string{"X-Wsp-Cluster-Node", "X-Wsp-Cluster-Auth", "X-Proxy-Client", "X-Proxy-Destination"} {
 			if v := h.Get(name); v != "" {
 				t.Errorf("through %s: the destination saw %s: %q", n.addr, name, v)
 			}
@@ -292,6 +304,11 @@ func TestClusterNodeRequests(t *testing.T) {
 	nodeGet := func(r *relay, path string, h http.Header) (*http.Response, string) {
 		return clusterGet(t, r.addr, "dc1", dest.URL+path, h)
 	}
+	// signed is the node headers of node's GET of path, signed with secret
+	// as docs/protocol.md says.
+	signed := func(node, secret, path string) http.Header {
+		return nodeHeaders(node, secret, time.Now(), "GET", dest.URL+path, "dc1", "")
+	}
 	for _, tc := range []struct {
 		name   string
 		to     *relay
@@ -300,11 +317,12 @@ func TestClusterNodeRequests(t *testing.T) {
 		code   string
 		msg    string
 	}{
-		{"no secret", a, http.Header{"X-Wsp-Cluster-Node": {"node-b"}}, 401, httperr.Unauthorized, "without X-Wsp-Cluster-Secret"},
-		{"wrong secret", a, http.Header{"X-Wsp-Cluster-Node": {"node-b"}, "X-Wsp-Cluster-Secret": {"guess"}}, 403, httperr.Forbidden, "wrong cluster secret"},
-		{"secret without a node name", a, http.Header{"X-Wsp-Cluster-Secret": {clusterSecret}}, 400, httperr.BadRequest, "naming the node"},
-		{"a server that is no cluster node", plain, http.Header{"X-Wsp-Cluster-Node": {"node-b"}, "X-Wsp-Cluster-Secret": {clusterSecret}}, 403, httperr.Forbidden, "cluster.redis is not set"},
-		{"the receiving node's rules", a, http.Header{"X-Wsp-Cluster-Node": {"node-b"}, "X-Wsp-Cluster-Secret": {clusterSecret}}, 403, httperr.ServerRefused, "refused by the server's rules"},
+		{"no signature", a, http.Header{"X-Wsp-Cluster-Node": {"node-b"}}, 401, httperr.Unauthorized, "without X-Wsp-Cluster-Auth"},
+		{"signed with a wrong secret", a, signed("node-b", "guess", "/ok"), 403, httperr.Forbidden, "wrong signature"},
+		{"signed for another request", a, signed("node-b", clusterSecret, "/other"), 403, httperr.Forbidden, "wrong signature"},
+		{"a signature without a node name", a, http.Header{"X-Wsp-Cluster-Auth": signed("node-b", clusterSecret, "/ok")["X-Wsp-Cluster-Auth"]}, 400, httperr.BadRequest, "naming the node"},
+		{"a server that is no cluster node", plain, signed("node-b", clusterSecret, "/ok"), 403, httperr.Forbidden, "cluster.redis is not set"},
+		{"the receiving node's rules", a, signed("node-b", clusterSecret, "/forbidden"), 403, httperr.ServerRefused, "refused by the server's rules"},
 	} {
 		path := "/ok"
 		if tc.code == httperr.ServerRefused {
@@ -319,8 +337,8 @@ func TestClusterNodeRequests(t *testing.T) {
 		t.Fatalf("%d refused node requests reached the destination", n)
 	}
 
-	// With the secret, no app credential is needed: node-b checked it.
-	resp, body := nodeGet(a, "/ok", http.Header{"X-Wsp-Cluster-Node": {"node-b"}, "X-Wsp-Cluster-Secret": {clusterSecret}})
+	// Signed, no app credential is needed: node-b checked it.
+	resp, body := nodeGet(a, "/ok", signed("node-b", clusterSecret, "/ok"))
 	if resp.StatusCode != 200 || body != "reached" {
 		t.Fatalf("authenticated node request: %d %s", resp.StatusCode, body)
 	}
@@ -338,15 +356,15 @@ func TestClusterNodeRequests(t *testing.T) {
 	// hold is served there or refused, never forwarded again, although the
 	// directory names node-a.
 	received := a.srv.Stats().Cluster.Received
-	resp, body = nodeGet(b, "/ok", http.Header{"X-Wsp-Cluster-Node": {"node-c"}, "X-Wsp-Cluster-Secret": {clusterSecret}})
+	resp, body = nodeGet(b, "/ok", signed("node-c", clusterSecret, "/ok"))
 	if resp.StatusCode != 503 || resp.Header.Get(httperr.Header) != httperr.NoClient || resp.Header.Get("Via") != "" {
 		t.Fatalf("node request for a client held elsewhere: %d %s Via=%q %s", resp.StatusCode, resp.Header.Get(httperr.Header), resp.Header.Get("Via"), body)
 	}
 	if got := a.srv.Stats().Cluster.Received; got != received {
 		t.Fatalf("node-b forwarded a node request to node-a (received %d -> %d)", received, got)
 	}
-	if !strings.Contains(scrape(t, a.srv), `wsp_cluster_received_total{result="refused"} 3`) {
-		t.Error(`node-a's metrics lack wsp_cluster_received_total{result="refused"} 3`)
+	if !strings.Contains(scrape(t, a.srv), `wsp_cluster_received_total{result="refused"} 4`) {
+		t.Error(`node-a's metrics lack wsp_cluster_received_total{result="refused"} 4`)
 	}
 	if l := logA.String(); !strings.Contains(l, "node request refused") || strings.Contains(l, clusterSecret) || strings.Contains(l, "guess") {
 		t.Fatalf("node-a's log must record refusals without secrets:\n%s", l)

@@ -3,7 +3,10 @@ package server
 import (
 	"bufio"
 	"context"
+	"crypto/hmac"
+	"crypto/sha256"
 	"crypto/tls"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -24,17 +27,66 @@ import (
 )
 
 // A node-to-node request carries these two headers: the name of the node
-// that forwards it and the cluster secret. A node that receives one with
-// the right secret serves it from its own sessions only, never forwards it
-// again (no loops), and trusts the app authentication the first node did.
+// that forwards it, and a signature of the request with the cluster secret
+// (nodeMAC): the secret itself never travels, so a host that gets node
+// requests (a wrong advertise URL, a forged directory entry) cannot learn
+// it, and a signature it captured is good only for that request, for
+// clusterAuthWindow. A node that receives a request with a good signature
+// serves it from its own sessions only, never forwards it again (no
+// loops), and trusts the app authentication the first node did.
 // On the answer to a node request, X-Wsp-Cluster-Node names the node that
 // wrote it when it is that node's own error (see markOwn), which no client
 // or destination can fake: only then may the sending node try another.
 // See docs/protocol.md, "Between server nodes".
 const (
-	headerClusterNode   = "X-Wsp-Cluster-Node"
-	headerClusterSecret = "X-Wsp-Cluster-Secret"
+	headerClusterNode = "X-Wsp-Cluster-Node"
+	headerClusterAuth = "X-Wsp-Cluster-Auth"
+	// clusterAuthWindow is how far the time a node signed a request at may
+	// be from the receiving node's clock.
+	clusterAuthWindow = time.Minute
 )
+
+// nodeMAC is the signature of a node request: what it asks for (method,
+// destination, client, request id), who asks and when, under the secret.
+// None of the fields can hold a newline (header values, node names).
+func nodeMAC(secret string, at int64, node, method, target, client, id string) string {
+	m := hmac.New(sha256.New, []byte(secret))
+	fmt.Fprintf(m, "wsp-node-v1\n%d\n%s\n%s\n%s\n%s\n%s", at, node, method, target, client, id)
+	return hex.EncodeToString(m.Sum(nil))
+}
+
+// signNode sets the node headers on h, a request to another node for
+// method on target; h already holds its client and request id.
+func (s *Server) signNode(h http.Header, method, target string) {
+	at := time.Now().Unix()
+	h.Set(headerClusterNode, s.node)
+	h.Set(headerClusterAuth, fmt.Sprintf("t=%d,mac=%s", at, nodeMAC(s.cluster.secret, at, s.node, method, target, h.Get(headerClient), h.Get(headerRequestID))))
+}
+
+// nodeTarget is what a node request asks for, as nodeMAC signs it.
+func nodeTarget(r *http.Request) string {
+	if r.Method == http.MethodConnect {
+		return r.Host
+	}
+	return r.Header.Get(headerDestination)
+}
+
+// checkNodeAuth verifies the signature auth of a request from node.
+func (s *Server) checkNodeAuth(r *http.Request, node, auth string) *httperr.Error {
+	ts, mac, ok := strings.Cut(auth, ",")
+	at, err := strconv.ParseInt(strings.TrimPrefix(ts, "t="), 10, 64)
+	if !ok || err != nil || !strings.HasPrefix(ts, "t=") || !strings.HasPrefix(mac, "mac=") {
+		return httperr.New(http.StatusBadRequest, httperr.BadRequest, "node-to-node request from node %q: malformed %s", node, headerClusterAuth)
+	}
+	if d := time.Since(time.Unix(at, 0)); d > clusterAuthWindow || d < -clusterAuthWindow {
+		return httperr.New(http.StatusForbidden, httperr.Forbidden, "node-to-node request from node %q signed %s away from this node's clock (at most %s: do the nodes' clocks agree?)", node, d.Round(time.Second), clusterAuthWindow)
+	}
+	want := nodeMAC(s.cluster.secret, at, node, r.Method, nodeTarget(r), r.Header.Get(headerClient), r.Header.Get(headerRequestID))
+	if !hmac.Equal([]byte(strings.TrimPrefix(mac, "mac=")), []byte(want)) {
+		return httperr.New(http.StatusForbidden, httperr.Forbidden, "node-to-node request from node %q: wrong signature (cluster.secret differs between the nodes?)", node)
+	}
+	return nil
+}
 
 // forwardedHeaders are set by the node an app reached, as the destination
 // must see them; a node serving a forwarded request keeps them.
@@ -206,12 +258,12 @@ func viaOf(ctx context.Context) string {
 // fromNode checks the cluster headers of r, if any, and removes them
 // (every value, whatever the first): it returns the name of the node that
 // forwarded r ("" when r came from an app) or the refusal to answer. The
-// secret is compared in constant time and never logged.
+// signature is compared in constant time.
 func (s *Server) fromNode(r *http.Request) (string, *httperr.Error) {
-	name, secret := r.Header.Get(headerClusterNode), r.Header.Get(headerClusterSecret)
+	name, auth := r.Header.Get(headerClusterNode), r.Header.Get(headerClusterAuth)
 	r.Header.Del(headerClusterNode)
-	r.Header.Del(headerClusterSecret)
-	if name == "" && secret == "" {
+	r.Header.Del(headerClusterAuth)
+	if name == "" && auth == "" {
 		return "", nil
 	}
 	var e *httperr.Error
@@ -220,12 +272,12 @@ func (s *Server) fromNode(r *http.Request) (string, *httperr.Error) {
 		e = httperr.New(http.StatusForbidden, httperr.Forbidden, "a node-to-node request (%s), but this server is not a cluster node: cluster.redis is not set", headerClusterNode)
 	case name == "":
 		e = httperr.New(http.StatusBadRequest, httperr.BadRequest, "a node-to-node request without %s naming the node that sent it", headerClusterNode)
-	case secret == "":
-		e = httperr.New(http.StatusUnauthorized, httperr.Unauthorized, "node-to-node request from node %q without %s", name, headerClusterSecret)
-	case !equal(secret, s.cluster.secret):
-		e = httperr.New(http.StatusForbidden, httperr.Forbidden, "node-to-node request from node %q: wrong cluster secret (cluster.secret differs between the nodes?)", name)
+	case auth == "":
+		e = httperr.New(http.StatusUnauthorized, httperr.Unauthorized, "node-to-node request from node %q without %s", name, headerClusterAuth)
 	case !tunnel.ValidID(name):
 		e = httperr.New(http.StatusBadRequest, httperr.BadRequest, "%s %q is not a valid node name", headerClusterNode, name)
+	default:
+		e = s.checkNodeAuth(r, name, auth)
 	}
 	if e != nil {
 		s.metrics.Received("refused")
@@ -311,8 +363,7 @@ func (s *Server) newNodeProxy(c *clusterNode) *httputil.ReverseProxy {
 			if x.want.clientID != "" {
 				h.Set(headerClient, x.want.clientID)
 			}
-			h.Set(headerClusterNode, s.node)
-			h.Set(headerClusterSecret, c.secret)
+			s.signNode(h, pr.Out.Method, x.dest.String())
 			h.Add("Via", "1.1 "+s.node)
 			pr.Out.URL = &url.URL{Path: "/request"} // nodeTransport adds each node's scheme and host
 			pr.Out.Host = ""
@@ -601,12 +652,11 @@ func (c *clusterNode) dial(ctx context.Context, addr string, useTLS bool) (net.C
 // reader holds what the node sent after the answer's head.
 func (s *Server) askNodeConnect(ctx context.Context, conn net.Conn, x *exchange, r *http.Request) (*bufio.Reader, *http.Response, error) {
 	h := http.Header{}
-	h.Set(headerClusterNode, s.node)
-	h.Set(headerClusterSecret, s.cluster.secret)
 	h.Set(headerRequestID, x.id)
 	if x.want.clientID != "" {
 		h.Set(headerClient, x.want.clientID)
 	}
+	s.signNode(h, http.MethodConnect, x.dest.Host)
 	h["Via"] = append(r.Header.Values("Via"), "1.1 "+s.node)
 	// The node answers once its client has dialled; the app going away
 	// ends the wait.

@@ -49,29 +49,49 @@ func TestFromNode(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	now := time.Now().Unix()
+	// sign is a node's signature of a GET /request for dc1 of
+	// http://api.internal/x, request id req-1.
+	sign := func(secret string, at int64, node string) string {
+		return fmt.Sprintf("t=%d,mac=%s", at, nodeMAC(secret, at, node, "GET", "http://api.internal/x", "dc1", "req-1"))
+	}
+	good := sign("s3cret-value", now, "node-b")
 	for _, tc := range []struct {
-		name         string
-		srv          *Server
-		node, secret string
-		want         string // the node name accepted
-		status       int
-		code         string
+		name       string
+		srv        *Server
+		node, auth string
+		tamper     func(r *http.Request) // after signing
+		want       string                // the node name accepted
+		status     int
+		code       string
 	}{
-		{"an app's request", s, "", "", "", 0, ""},
-		{"the right secret", s, "node-b", "s3cret-value", "node-b", 0, ""},
-		{"no secret", s, "node-b", "", "", 401, httperr.Unauthorized},
-		{"a wrong secret", s, "node-b", "s3cret-valuX", "", 403, httperr.Forbidden},
-		{"a longer wrong secret", s, "node-b", "s3cret-value-and-more", "", 403, httperr.Forbidden},
-		{"a secret and no node name", s, "", "s3cret-value", "", 400, httperr.BadRequest},
-		{"an invalid node name", s, "node b\x7f", "s3cret-value", "", 400, httperr.BadRequest},
-		{"a server without a cluster", plain, "node-b", "s3cret-value", "", 403, httperr.Forbidden},
+		{"an app's request", s, "", "", nil, "", 0, ""},
+		{"signed with the secret", s, "node-b", good, nil, "node-b", 0, ""},
+		{"signed a while ago, within the window", s, "node-b", sign("s3cret-value", now-50, "node-b"), nil, "node-b", 0, ""},
+		{"no signature", s, "node-b", "", nil, "", 401, httperr.Unauthorized},
+		{"signed with another secret", s, "node-b", sign("s3cret-valuX", now, "node-b"), nil, "", 403, httperr.Forbidden},
+		{"signed by another node", s, "node-b", sign("s3cret-value", now, "node-c"), nil, "", 403, httperr.Forbidden},
+		{"signed too long ago (a replay)", s, "node-b", sign("s3cret-value", now-120, "node-b"), nil, "", 403, httperr.Forbidden},
+		{"another destination than signed", s, "node-b", good, func(r *http.Request) { r.Header.Set(headerDestination, "http://169.254.169.254/") }, "", 403, httperr.Forbidden},
+		{"another client than signed", s, "node-b", good, func(r *http.Request) { r.Header.Set(headerClient, "dc2") }, "", 403, httperr.Forbidden},
+		{"another method than signed", s, "node-b", good, func(r *http.Request) { r.Method = "DELETE" }, "", 403, httperr.Forbidden},
+		{"a malformed signature", s, "node-b", "s3cret-value", nil, "", 400, httperr.BadRequest},
+		{"a signature and no node name", s, "", good, nil, "", 400, httperr.BadRequest},
+		{"an invalid node name", s, "node b\x7f", good, nil, "", 400, httperr.BadRequest},
+		{"a server without a cluster", plain, "node-b", good, nil, "", 403, httperr.Forbidden},
 	} {
 		r := httptest.NewRequest("GET", "/request", nil)
+		r.Header.Set(headerDestination, "http://api.internal/x")
+		r.Header.Set(headerClient, "dc1")
+		r.Header.Set(headerRequestID, "req-1")
 		if tc.node != "" {
 			r.Header.Set(headerClusterNode, tc.node)
 		}
-		if tc.secret != "" {
-			r.Header.Set(headerClusterSecret, tc.secret)
+		if tc.auth != "" {
+			r.Header.Set(headerClusterAuth, tc.auth)
+		}
+		if tc.tamper != nil {
+			tc.tamper(r)
 		}
 		got, e := tc.srv.fromNode(r)
 		switch {
@@ -83,22 +103,39 @@ func TestFromNode(t *testing.T) {
 		if e != nil && strings.Contains(e.Error(), "s3cret") {
 			t.Errorf("%s: the refusal names the secret: %s", tc.name, e)
 		}
-		if r.Header.Get(headerClusterNode) != "" || r.Header.Get(headerClusterSecret) != "" {
+		if r.Header.Get(headerClusterNode) != "" || r.Header.Get(headerClusterAuth) != "" {
 			t.Errorf("%s: cluster headers left on the request", tc.name)
 		}
 	}
+	// A CONNECT's signature covers its target.
+	connect := func(target string) *http.Request {
+		r := httptest.NewRequest("CONNECT", "http://"+target, nil)
+		r.Host = target
+		r.Header.Set(headerRequestID, "req-2")
+		return r
+	}
+	r := connect("db.internal:5432")
+	s.signNode(r.Header, "CONNECT", "db.internal:5432")
+	if got, e := s.fromNode(r); got != s.node || e != nil {
+		t.Errorf("a signed CONNECT: got %q, %v", got, e)
+	}
+	r2 := connect("db.internal:22")
+	s.signNode(r2.Header, "CONNECT", "db.internal:5432")
+	if _, e := s.fromNode(r2); e == nil || e.Status != 403 {
+		t.Errorf("a CONNECT to another target than signed: %v, want 403", e)
+	}
 	// Cluster headers whose first value is empty are an app's, and go too.
-	r := httptest.NewRequest("GET", "/request", nil)
+	r = httptest.NewRequest("GET", "/request", nil)
 	r.Header[headerClusterNode] = []string{"", "node-b"}
-	r.Header[headerClusterSecret] = []string{"", "guess"}
-	if got, e := s.fromNode(r); got != "" || e != nil || len(r.Header[headerClusterNode]) != 0 || len(r.Header[headerClusterSecret]) != 0 {
+	r.Header[headerClusterAuth] = []string{"", "guess"}
+	if got, e := s.fromNode(r); got != "" || e != nil || len(r.Header[headerClusterNode]) != 0 || len(r.Header[headerClusterAuth]) != 0 {
 		t.Errorf("empty first values: got %q, %v, headers left: %v", got, e, r.Header)
 	}
 	if strings.Contains(logs.String(), "s3cret") {
 		t.Fatalf("a secret was logged:\n%s", logs.String())
 	}
-	if n := strings.Count(logs.String(), "node request refused"); n != 5 {
-		t.Fatalf("%d refusals logged, want 5:\n%s", n, logs.String())
+	if n := strings.Count(logs.String(), "node request refused"); n != 11 {
+		t.Fatalf("%d refusals logged, want 11 (the server without a cluster logs elsewhere):\n%s", n, logs.String())
 	}
 }
 
@@ -119,8 +156,9 @@ func TestNodeRequestIsNeverForwarded(t *testing.T) {
 		r.Header.Set(headerDestination, "http://api.internal/x")
 		r.Header.Set(headerClient, "dc1")
 		if tc.node != "" {
+			at := time.Now().Unix()
 			r.Header.Set(headerClusterNode, tc.node)
-			r.Header.Set(headerClusterSecret, "s3cret-value")
+			r.Header.Set(headerClusterAuth, fmt.Sprintf("t=%d,mac=%s", at, nodeMAC("s3cret-value", at, tc.node, "GET", "http://api.internal/x", "dc1", "")))
 		}
 		w := httptest.NewRecorder()
 		s.ServeHTTP(w, r)
