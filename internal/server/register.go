@@ -171,21 +171,22 @@ func (s *Server) reap() {
 					continue
 				}
 				if sweep || ping {
-					s.tend(sess, ping, now.Add(-idleStreamTimeout), sweep)
+					s.tend(sess, ping, sweep, now.Add(-idleStreamTimeout))
 				}
 			}
 		}
 	}
 }
 
-// tend pings sess's client and closes its streams idle since before
-// cutoff, in a goroutine of its own, unless the last one is still at it:
+// tend pings sess's client (ping) and closes its streams idle since before
+// cutoff (sweep), in a goroutine of its own, unless the last one is still
+// at it:
 // both may wait on the client (the ping for its answer, closing a stream to
 // write a frame), and one stuck client must not hold up the reaper. A
 // client that does not answer a ping within keepalive has its session
 // ended (ConnectionWriteTimeout bounds Ping). The goroutine lives for the
 // ping's round trip.
-func (s *Server) tend(sess *session, ping bool, cutoff time.Time, sweep bool) {
+func (s *Server) tend(sess *session, ping, sweep bool, cutoff time.Time) {
 	if !sess.tending.CompareAndSwap(false, true) {
 		return
 	}
